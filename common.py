@@ -1,0 +1,982 @@
+"""Shared plumbing for every method file: data, partitions, augmentation, encoders, shared losses,
+aggregation, evaluation, the run folder and the command line. No method logic lives here.
+
+The protocol these pieces implement is written down in the README ("Protocol"): every method is
+trained on the same partitions with the same augmentation and evaluated by the same kNN monitor
+(k=200, t=0.1) and linear probe, next to a randomly initialised encoder.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import gzip
+import hashlib
+import inspect
+import json
+import math
+import os
+import pickle
+import platform
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """An input the user can fix; the command line turns it into one `error:` line and exit 2."""
+
+
+def fail(msg: str):
+    """Refuse a bad input: one line on stderr, exit status 2, no traceback."""
+    raise UserError(msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: a dataclass whose field docstrings are the --help text (CleanRL style)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class RunArgs:
+    dataset: str = "fmnist"
+    """fmnist (bundled) | cifar10 | cifar100"""
+    data_dir: str = "data"
+    """where datasets live (CIFAR: cifar-10-batches-py/ or the python-version .tar.gz inside it)"""
+    encoder: str = "cnn"
+    """cnn (small, fast on a CPU) | resnet18 (CIFAR stem)"""
+    norm: str = "bn"
+    """normalisation layers: bn (BatchNorm) | gn (GroupNorm) | gnws (GroupNorm + weight standardisation)"""
+    clients: int = 10
+    """number of clients; 1 = centralized"""
+    partition: str = "classes"
+    """iid | dirichlet | classes | skew"""
+    alpha: float = 0.1
+    """Dirichlet concentration for --partition dirichlet (smaller = more skewed)"""
+    classes_per_client: int = 2
+    """K for --partition classes"""
+    skew_ratio: float = 0.0
+    """R for --partition skew (Dec-SSL): share of each class dealt uniformly; 0 = label-sorted, 1 = IID"""
+    min_client_size: int = 10
+    """--partition dirichlet redraws until every client holds at least this many images"""
+    participation: float = 1.0
+    """fraction of clients sampled per round"""
+    rounds: int = 20
+    """communication rounds"""
+    local_epochs: int = 1
+    """passes over its own data a client makes per round"""
+    batch_size: int = 128
+    """images per local step (each gives two views)"""
+    lr: float = 1e-3
+    """client learning rate"""
+    optimizer: str = "adam"
+    """adam | sgd (momentum 0.9); a fresh optimizer per client per round, as FedAvg does"""
+    weight_decay: float = 1e-6
+    """client weight decay"""
+    train_size: int = 10000
+    """use a seeded, class-stratified subset of this many training images (0 = all)"""
+    test_size: int = 0
+    """use a seeded, class-stratified subset of this many test images (0 = all); for tests"""
+    crop_min: float = 0.2
+    """smallest area of the random resized crop (0.08 in SimCLR's ImageNet recipe)"""
+    eval_every: int = 5
+    """kNN monitor every this many rounds (and at the last round)"""
+    probe_epochs: int = 30
+    """epochs of the linear probe on frozen features (last epoch reported)"""
+    seed: int = 0
+    """seed for partition, initialisation, augmentation and sampling"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    preset: str = "default"
+    """default (CPU minutes) | paper (the paper's setting, for a GPU); explicit flags override it"""
+    out: str = "runs"
+    """parent folder of run folders"""
+    resume: str = ""
+    """continue an interrupted run from RUN_DIR/checkpoint.pt (other flags are taken from its config.json)"""
+
+    PAPER: ClassVar[dict] = {}
+
+    def check(self):
+        """Refuse settings that cannot run; method Args extend this and call super().check()."""
+        choices = dict(dataset=DATASETS, encoder=("cnn", "resnet18"), norm=("bn", "gn", "gnws"),
+                       partition=("iid", "dirichlet", "classes", "skew"), optimizer=("adam", "sgd"),
+                       device=("auto", "cpu", "cuda"), preset=("default", "paper"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "classes_per_client"):
+            if getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        for name in ("train_size", "test_size", "probe_epochs", "min_client_size"):
+            if getattr(self, name) < 0:
+                fail(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.alpha <= 0:
+            fail(f"--alpha must be > 0 (got {self.alpha})")
+        if not 0 <= self.skew_ratio <= 1:
+            fail(f"--skew-ratio must be in [0, 1] (got {self.skew_ratio})")
+        if not 0 < self.participation <= 1:
+            fail(f"--participation must be in (0, 1] (got {self.participation})")
+        if not 0 < self.crop_min <= 1:
+            fail(f"--crop-min must be in (0, 1] (got {self.crop_min})")
+        if self.lr <= 0:
+            fail(f"--lr must be > 0 (got {self.lr})")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            fail("--device cuda was asked for but no CUDA GPU is visible to torch")
+
+
+def _field_docs(cls) -> dict:
+    """The docstring under each dataclass field, collected over the class and its bases."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(inspect.getsource(klass).strip()).body[0].body
+        except (OSError, TypeError, IndexError):
+            continue
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = str(b.value.value).strip()
+    return docs
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
+
+
+def parse_args(cls, argv=None):
+    """Build argparse from the Args dataclass; apply --preset paper, then the flags actually given."""
+    docs = _field_docs(cls)
+    p = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        flag, default, help_ = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), docs.get(f.name, "")
+        help_ += f" (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, type=_bool, metavar="{true,false}", help=help_)
+        else:
+            p.add_argument(flag, type=type(default), help=help_)
+    given = vars(p.parse_args(argv))
+    if given.get("resume"):
+        cfg = Path(given["resume"]) / "config.json"
+        if not cfg.is_file() or not (Path(given["resume"]) / "checkpoint.pt").is_file():
+            fail(f"--resume {given['resume']}: not a run folder (needs config.json and checkpoint.pt)")
+        saved = json.loads(cfg.read_text())["args"]
+        saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        return cls(**{**saved, "resume": given["resume"]})
+    values = dict(cls.PAPER) if given.get("preset") == "paper" else {}
+    values.update(given)
+    return cls(**values)
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: one uint8 tensor per split, on the training device; a client is an index tensor into it
+# ----------------------------------------------------------------------------------------------
+
+DATASETS = ("fmnist", "cifar10", "cifar100")
+FMNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+STATS = {  # per-channel mean/std of the training split, on [0, 1] pixels
+    "fmnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+@dataclass
+class Data:
+    train_x: torch.Tensor   # uint8 N x C x H x W, on the device
+    train_y: torch.Tensor   # int64 N, on the device
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def channels(self):
+        return self.train_x.shape[1]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fmnist(folder: Path):
+    """The four original IDX files, SHA-256 verified."""
+    for name, digest in FMNIST_SHA256.items():
+        path = folder / name
+        if not path.is_file():
+            fail(f"Fashion-MNIST file {path} is missing (it ships with the repository under data/fashion-mnist/)")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            fail(f"{path} does not match its recorded SHA-256; restore it from the repository")
+    tx, ty = _read_idx(folder / "train-images-idx3-ubyte.gz"), _read_idx(folder / "train-labels-idx1-ubyte.gz")
+    vx, vy = _read_idx(folder / "t10k-images-idx3-ubyte.gz"), _read_idx(folder / "t10k-labels-idx1-ubyte.gz")
+    return tx[:, None], ty, vx[:, None], vy, 10
+
+
+CIFAR = {"cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", [f"data_batch_{i}" for i in range(1, 6)],
+                     "test_batch", b"labels", 10),
+         "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", ["train"], "test", b"fine_labels", 100)}
+
+
+def load_cifar(name: str, data_dir: Path):
+    """CIFAR-10/100 from the python-version pickles (extracted folder or the .tar.gz torchvision downloads)."""
+    folder, archive, train_files, test_file, key, classes = CIFAR[name]
+    if not (data_dir / folder).is_dir() and (data_dir / archive).is_file():
+        with tarfile.open(data_dir / archive) as tar:
+            tar.extractall(data_dir, filter="data")
+    if not all((data_dir / folder / f).is_file() for f in train_files + [test_file]):
+        fail(f"{name} not found: put {archive} (python version, from https://www.cs.toronto.edu/~kriz/cifar.html) "
+             f"or its extracted folder {folder}/ into {data_dir}/")
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            with open(data_dir / folder / f, "rb") as fh:
+                d = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[key], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    tx, ty = read(train_files)
+    vx, vy = read([test_file])
+    return tx, ty, vx, vy, classes
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded subset of n indices whose class proportions match the full set (n=0: everything)."""
+    if n == 0 or n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.floor(counts / counts.sum() * n).astype(int)
+    quota[np.argsort(-(counts / counts.sum() * n - quota))[: n - quota.sum()]] += 1   # largest remainders
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked))
+
+
+def load_data(args: RunArgs, device) -> tuple[Data, np.ndarray]:
+    """Load a dataset once onto the device; returns it and the original indices of the training subset."""
+    data_dir = Path(args.data_dir)
+    if args.dataset == "fmnist":
+        tx, ty, vx, vy, k = load_fmnist(data_dir / "fashion-mnist")
+    else:
+        tx, ty, vx, vy, k = load_cifar(args.dataset, data_dir)
+    keep = stratified_subset(ty, args.train_size, args.seed)
+    keep_test = stratified_subset(vy, args.test_size, args.seed + 1)
+    as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)
+    mean, std = STATS[args.dataset]
+    data = Data(as_t(tx[keep], torch.uint8), as_t(ty[keep], torch.int64), as_t(vx[keep_test], torch.uint8),
+                as_t(vy[keep_test], torch.int64), k, mean, std)
+    return data, keep
+
+
+# ----------------------------------------------------------------------------------------------
+# Partitions (label skew); numpy with a seeded Generator, so they do not depend on the device
+# ----------------------------------------------------------------------------------------------
+
+def partition(labels: np.ndarray, args: RunArgs, log=print) -> list[np.ndarray]:
+    """Split indices 0..len(labels)-1 into args.clients disjoint, covering sets (see README, Protocol)."""
+    n, clients, num_classes = len(labels), args.clients, int(labels.max()) + 1
+    if clients > n:
+        fail(f"--clients {clients} is more than the {n} training images")
+    rng = np.random.default_rng(args.seed)
+    if args.partition == "iid":
+        parts = np.array_split(rng.permutation(n), clients)
+    elif args.partition == "dirichlet":
+        parts = dirichlet_partition(labels, clients, args.alpha, args.min_client_size, rng)
+    elif args.partition == "classes":
+        parts = class_partition(labels, clients, args.classes_per_client, rng, log)
+    else:
+        parts = skew_partition(labels, clients, args.skew_ratio, rng)
+    return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def dirichlet_partition(labels, clients, alpha, min_size, rng, tries=1000):
+    """For every class, client shares ~ Dir(alpha); redraw until every client holds >= min_size images."""
+    n, num_classes = len(labels), int(labels.max()) + 1
+    min_size = min(min_size, n // clients)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    for _ in range(tries):
+        parts = [[] for _ in range(clients)]
+        for idx in by_class:
+            shares = rng.dirichlet(np.full(clients, alpha))
+            cuts = (np.cumsum(shares) * len(idx)).astype(int)[:-1]
+            for c, chunk in enumerate(np.split(idx, cuts)):
+                parts[c].append(chunk)
+        parts = [np.concatenate(p) for p in parts]
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    fail(f"--partition dirichlet: no draw in {tries} gave every client >= {min_size} images "
+         f"(alpha {alpha}, {clients} clients, {n} images); raise --alpha or lower --min-client-size")
+
+
+def class_partition(labels, clients, k, rng, log=print):
+    """Label-sorted shards, k per client. When clients*k is a multiple of the class count every
+    client gets k DISTINCT classes (each class cut into clients*k/C equal shards). Otherwise the
+    MocoSFL-code rule: sort by label, cut clients*k equal shards, deal them at random, so a client
+    may hold two shards of one class (a message says so)."""
+    num_classes = int(labels.max()) + 1
+    if k > num_classes:
+        fail(f"--classes-per-client {k} is more than the {num_classes} classes of the dataset")
+    if clients * k > len(labels):
+        fail(f"--classes-per-client {k} x --clients {clients} shards need at least that many images ({len(labels)})")
+    if (clients * k) % num_classes == 0:
+        per_class = clients * k // num_classes
+        shards = {c: np.array_split(rng.permutation(np.flatnonzero(labels == c)), per_class)
+                  for c in range(num_classes)}
+        # each pass over a fresh class permutation hands every class out exactly once, k at a time
+        order = np.concatenate([rng.permutation(num_classes) for _ in range(per_class)])
+        return [np.concatenate([shards[c].pop() for c in order[i * k:(i + 1) * k]]) for i in range(clients)]
+    log(f"note: {clients} clients x {k} classes is not a multiple of {num_classes} classes; dealing "
+        f"label-sorted shards at random (MocoSFL's rule), so a client may hold fewer than {k} distinct classes")
+    sorted_idx = np.argsort(labels, kind="stable")
+    shards = np.array_split(sorted_idx, clients * k)
+    deal = rng.permutation(clients * k)
+    return [np.concatenate([shards[s] for s in deal[i * k:(i + 1) * k]]) for i in range(clients)]
+
+
+def skew_partition(labels, clients, ratio, rng):
+    """Dec-SSL's label skew: a (1-R) share of every class dealt in label order, the R share uniformly."""
+    num_classes = int(labels.max()) + 1
+    sorted_part, uniform_part = [], []
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        cut = int(round((1 - ratio) * len(idx)))
+        sorted_part.append(idx[:cut])
+        uniform_part.append(idx[cut:])
+    sorted_chunks = np.array_split(np.concatenate(sorted_part), clients)
+    uniform_chunks = np.array_split(rng.permutation(np.concatenate(uniform_part)), clients)
+    return [np.concatenate([a, b]) for a, b in zip(sorted_chunks, uniform_chunks)]
+
+
+def class_counts(labels: np.ndarray, parts, num_classes: int) -> np.ndarray:
+    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation: two views per image, independent random parameters per image, on the device
+# ----------------------------------------------------------------------------------------------
+
+class Augment:
+    """Batched SimCLR augmentation. Random resized crop + horizontal flip are ONE affine resampling
+    (grid_sample) with a per-image matrix; then, with p=0.8 per image, colour jitter (brightness,
+    contrast, and for RGB saturation and hue, applied in that fixed order); for RGB grayscale with
+    p=0.2; then normalisation. Differences from torchvision's per-image transforms: the crop's
+    aspect ratio is clamped instead of re-drawn, the jitter order is fixed, and hue is a rotation
+    of the chroma plane in YIQ space rather than an HSV shift."""
+
+    def __init__(self, data: Data, crop_min: float = 0.2, strength: float = 0.4, hue: float = 0.1):
+        dev = data.train_x.device
+        self.rgb = data.channels == 3
+        self.crop_min, self.s, self.hue = crop_min, strength, hue
+        self.mean = torch.tensor(data.mean, device=dev).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std, device=dev).view(1, -1, 1, 1)
+
+    def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = x_uint8.float().div_(255)
+        b, dev = x.shape[0], x.device
+        u = torch.rand(b, 8, device=dev)   # every random number of the batch in one draw
+        area = self.crop_min + (1 - self.crop_min) * u[:, 0]
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+        w = (area * log_ratio.exp()).sqrt().clamp(max=1)        # crop size as a fraction of the side
+        h = (area / log_ratio.exp()).sqrt().clamp(max=1)
+        cx = (1 - w) * (2 * u[:, 2] - 1)                        # crop centre in [-1, 1] coordinates
+        cy = (1 - h) * (2 * u[:, 3] - 1)
+        flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+        jitter = (u[:, 5] < 0.8).float().view(b, 1, 1, 1)
+        f = torch.rand(b, 4, 1, 1, 1, device=dev) * 2 * self.s + 1 - self.s   # factors in [1-s, 1+s]
+        y = x * f[:, 0]                                                        # brightness
+        m = y.mean(dim=(1, 2, 3), keepdim=True) if not self.rgb else _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+        y = (y - m) * f[:, 1] + m                                              # contrast
+        if self.rgb:
+            g = _gray(y)
+            y = (y - g) * f[:, 2] + g                                          # saturation
+            y = _hue_rotate(y, (torch.rand(b, device=dev) * 2 - 1) * self.hue)
+        x = (jitter * y + (1 - jitter) * x).clamp_(0, 1)
+        if self.rgb:
+            gray = (u[:, 6] < 0.2).float().view(b, 1, 1, 1)
+            x = gray * _gray(x).expand_as(x) + (1 - gray) * x
+        return (x - self.mean) / self.std
+
+    def plain(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """The un-augmented, normalised image (evaluation)."""
+        return (x_uint8.float().div(255) - self.mean) / self.std
+
+
+def _gray(x):
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _hue_rotate(x, turns):
+    """Rotate the chroma (I, Q) plane by `turns` * 360 degrees, per image."""
+    yiq_m = _YIQ.to(x.device)
+    yiq = torch.einsum("ij,bjhw->bihw", yiq_m, x)
+    a = turns * 2 * math.pi
+    cos, sin = a.cos().view(-1, 1, 1), a.sin().view(-1, 1, 1)
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(yiq_m), yiq)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders and heads
+# ----------------------------------------------------------------------------------------------
+
+class WSConv2d(nn.Conv2d):
+    """Conv with weight standardisation: each output filter has zero mean and unit std."""
+
+    def forward(self, x):
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5
+        return F.conv2d(x, (w - mean) / std, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    return nn.GroupNorm(max(1, channels // 4) if channels >= 4 else 1, channels)   # 4 channels per group
+
+
+def conv(kind: str, cin, cout, k=3, stride=1, padding=1):
+    cls = WSConv2d if kind == "gnws" else nn.Conv2d
+    return cls(cin, cout, k, stride=stride, padding=padding, bias=False)
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 conv blocks (width w, 2w, 4w) and global average pooling: a 4w-d representation."""
+
+    def __init__(self, channels: int, norm: str = "bn", width: int = 32):
+        super().__init__()
+        layers, cin = [], channels
+        for i, cout in enumerate((width, 2 * width, 4 * width)):
+            layers += [conv(norm, cin, cout), norm_layer(norm, cout), nn.ReLU(inplace=True)]
+            layers += [nn.MaxPool2d(2)] if i < 2 else [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            cin = cout
+        self.net = nn.Sequential(*layers)
+        self.dim = cin
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def resnet18(channels: int, norm: str = "bn") -> nn.Module:
+    """torchvision ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool), fc removed."""
+    import torchvision
+    net = torchvision.models.resnet18(num_classes=10, norm_layer=lambda c: norm_layer(norm, c))
+    net.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
+    net.maxpool, net.fc = nn.Identity(), nn.Identity()
+    if norm == "gnws":
+        _to_ws(net)
+    net.dim = 512
+    return net
+
+
+def _to_ws(module: nn.Module):
+    for name, child in module.named_children():
+        if type(child) is nn.Conv2d:
+            ws = WSConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                          child.padding, bias=child.bias is not None)
+            setattr(module, name, ws)
+        else:
+            _to_ws(child)
+
+
+def make_encoder(args: RunArgs, channels: int) -> nn.Module:
+    """The representation network f (no head); `.dim` is its output size."""
+    if args.encoder == "resnet18":
+        return resnet18(channels, args.norm)
+    return SmallCNN(channels, args.norm)
+
+
+def mlp(dims: list[int], bn: bool = True, last_bn: bool = False) -> nn.Sequential:
+    """Projector / predictor: Linear (+BN) + ReLU between the given sizes, plain Linear at the end."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(a, b, bias=not (bn and not last) and not (last and last_bn)))
+        if not last:
+            layers += [nn.BatchNorm1d(b)] if bn else []
+            layers.append(nn.ReLU(inplace=True))
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(b, affine=False))
+    return nn.Sequential(*layers)
+
+
+def make_optimizer(params, args: RunArgs, lr: float | None = None):
+    lr = args.lr if lr is None else lr
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses shared by several methods
+# ----------------------------------------------------------------------------------------------
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over 2B views: each view's positive is its partner, the other 2B-2 are negatives."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    b = z1.shape[0]
+    sim = z @ z.t() / tau
+    sim.fill_diagonal_(float("-inf"))                       # a view is not its own negative
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, tau: float) -> torch.Tensor:
+    """MoCo's InfoNCE: positive q.k, negatives q.queue (queue rows are normalised keys, no gradient)."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    pos = (q * k).sum(dim=1, keepdim=True)
+    logits = pos if queue is None or len(queue) == 0 else torch.cat([pos, q @ queue.t()], dim=1)
+    return F.cross_entropy(logits / tau, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, m: float):
+    """xi <- m * xi + (1 - m) * theta for parameters; buffers (BN statistics) are copied."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.mul_(m).add_(o.detach(), alpha=1 - m)
+    for t, o in zip(target.buffers(), online.buffers()):
+        t.copy_(o)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def fedavg(states: list[dict], weights=None) -> dict:
+    """Weighted average of whole state dicts (weights = sample counts; None = unweighted mean).
+    Floating tensors are averaged in float; integer buffers such as BatchNorm's
+    num_batches_tracked cannot be, so they get the weighted mean rounded to the nearest integer."""
+    w = torch.ones(len(states)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    out = {}
+    for key, ref in states[0].items():
+        if ref.is_floating_point():
+            out[key] = sum(wi * s[key] for wi, s in zip(w, states)).to(ref.dtype)
+        else:
+            avg = sum(wi * s[key].double() for wi, s in zip(w, states))
+            out[key] = avg.round().to(ref.dtype)
+    return out
+
+
+def state_bytes(module_or_state) -> int:
+    """Bytes a state dict takes on the wire (fp32 as stored)."""
+    sd = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: the kNN monitor and the linear probe, identical for every method
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def features(encoder: nn.Module, x_uint8: torch.Tensor, augment: Augment, batch: int = 1024) -> torch.Tensor:
+    """Encoder outputs of un-augmented images, in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    out = torch.cat([encoder(augment.plain(x_uint8[i:i + batch])).float() for i in range(0, len(x_uint8), batch)])
+    encoder.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def knn_predict(bank, bank_y, query, num_classes: int, k: int = 200, t: float = 0.1, chunk: int = 1024):
+    """Weighted kNN vote (InstDisc / MoCo monitor): each of the k most cosine-similar bank features
+    votes for its label with weight exp(sim / t)."""
+    bank, query = F.normalize(bank, dim=1), F.normalize(query, dim=1)
+    k = min(k, len(bank))
+    preds = []
+    for i in range(0, len(query), chunk):
+        sim, idx = (query[i:i + chunk] @ bank.t()).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_y[idx], (sim / t).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=30, seed=0, batch=256, lr=1e-3):
+    """One recipe for every method: standardise frozen features with training statistics, train one
+    linear layer with Adam (cosine decay), report test accuracy after the LAST epoch."""
+    if epochs == 0:
+        return float("nan")
+    mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    head = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head.reset_parameters()
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-6)
+    steps = epochs * math.ceil(len(train_f) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_f), generator=gen).to(train_f.device)
+        for i in range(0, len(order), batch):
+            b = order[i:i + batch]
+            loss = F.cross_entropy(head(train_f[b]), train_y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return (head(test_f).argmax(1) == test_y).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: folder, logging, checkpoint/resume, Ctrl-C, summary
+# ----------------------------------------------------------------------------------------------
+
+def start(cls, argv=None):
+    """Parse the flags, pick the device, seed, load data, draw the partition, open the run folder.
+    Returns (args, run). Bad input ends here with `error: ...` and exit 2."""
+    try:
+        args = parse_args(cls, argv)
+        args.check()
+        run = Run(args, script=Path(sys.argv[0]).stem if argv is None else cls.__module__)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return args, run
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Run:
+    """Everything a method's round loop needs besides the method: data, clients, augmentation,
+    batching, client sampling, logging, evaluation, checkpoints and the summary."""
+
+    def __init__(self, args: RunArgs, script: str):
+        self.args, self.script = args, script
+        self.device = _pick_device(args.device)
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        self.data, self.train_ids = load_data(args, self.device)
+        labels = self.data.train_y.cpu().numpy()
+        self.parts = partition(labels, args, log=lambda m: print(m, file=sys.stderr))
+        if min(len(p) for p in self.parts) == 0:
+            fail(f"the partition left a client with no images ({args.clients} clients, {len(labels)} images)")
+        self.counts = class_counts(labels, self.parts, self.data.num_classes)
+        self.clients = [torch.as_tensor(p, device=self.device) for p in self.parts]
+        self.sizes = torch.tensor([len(p) for p in self.parts], dtype=torch.float64)
+        self.augment = Augment(self.data, args.crop_min)
+        self.start_round, self.history, self.elapsed0 = 1, [], 0.0
+        self.images_total, self.train_s_total = 0, 0.0
+        self.dir = Path(args.resume) if args.resume else self._new_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            self._write_config()
+            self._write_partition()
+        self._interrupted = False
+        self._t0 = self._t_round = time.time()
+        self._eval_s = 0.0
+        self._state = None
+        print(f"{script}: {args.dataset} ({len(labels)} train / {len(self.data.test_y)} test images), "
+              f"{args.clients} clients, partition {args.partition}, device {self.device}; "
+              f"run folder {self.dir}", flush=True)
+
+    # --- run folder -------------------------------------------------------------------------
+    def _new_dir(self) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(self.args.out) / f"{self.script}-{self.args.dataset}-{self.args.partition}-s{self.args.seed}-{stamp}"
+        path, i = base, 1
+        while path.exists():
+            path, i = Path(f"{base}-{i}"), i + 1
+        return path
+
+    def _write_config(self):
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+        cfg = {"script": self.script, "args": dataclasses.asdict(self.args), "command": " ".join(sys.argv),
+               "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+               "git_commit": commit, "device": str(self.device),
+               "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()}
+        _write_json(self.dir / "config.json", cfg)
+
+    def _write_partition(self):
+        clients = [{"client": i, "size": len(p), "class_counts": self.counts[i].tolist(),
+                    "indices": self.train_ids[p].tolist()} for i, p in enumerate(self.parts)]
+        _write_json(self.dir / "partition.json", {
+            "partition": self.args.partition, "seed": self.args.seed, "clients": clients,
+            "note": "indices are positions in the dataset's original training split"})
+        plot_partition(self.counts, self.dir / "partition.png", f"{self.args.partition}, {self.args.clients} clients")
+
+    # --- the loop's helpers -------------------------------------------------------------------
+    def batches(self, idx: torch.Tensor, batch_size: int | None = None):
+        """Shuffled mini-batches of a client's index tensor; the last partial batch is dropped unless
+        the client holds fewer images than one batch (BatchNorm needs at least 2)."""
+        bs = batch_size or self.args.batch_size
+        order = idx[torch.randperm(len(idx), device=idx.device)]
+        if len(order) < bs:
+            if len(order) >= 2:
+                yield order
+            return
+        for i in range(0, len(order) - bs + 1, bs):
+            yield order[i:i + bs]
+
+    def two_views(self, idx: torch.Tensor):
+        x = self.data.train_x[idx]
+        return self.augment(x), self.augment(x)
+
+    def sample_clients(self) -> list[int]:
+        """max(1, round(participation * clients)) distinct clients, sorted by id."""
+        n = self.args.clients
+        m = max(1, int(round(self.args.participation * n)))
+        if m == n:
+            return list(range(n))
+        return sorted(torch.randperm(n)[:m].tolist())
+
+    def rounds(self, state: dict):
+        """Yield round numbers 1..R; on --resume first restore `state` (modules, optimizers, tensors
+        and dicts, by name) and the random generators from the checkpoint and skip finished rounds."""
+        self._state = state
+        if self.args.resume:
+            self._restore(state)
+            print(f"resumed from {self.dir / 'checkpoint.pt'} after round {self.start_round - 1}", flush=True)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self._t0 = time.time()
+        for rnd in range(self.start_round, self.args.rounds + 1):
+            self._t_round, self._eval_s = time.time(), 0.0
+            yield rnd
+
+    def _on_sigint(self, signum, frame):
+        if self._interrupted:    # second Ctrl-C: stop now, the last checkpoint stays
+            print(f"\ninterrupted; resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
+            os._exit(130)
+        self._interrupted = True
+        print("\nCtrl-C: stopping after this round (press again to stop now)", file=sys.stderr, flush=True)
+
+    def is_eval_round(self, rnd: int) -> bool:
+        return rnd % self.args.eval_every == 0 or rnd == self.args.rounds
+
+    def log(self, rnd: int, loss, images: int, encoder: nn.Module | None = None, **extra):
+        """End of a round: kNN on evaluation rounds (if an encoder is given), one metrics line,
+        one printed line, the checkpoint; stops with exit 130 here if Ctrl-C was pressed."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.time() - self._t_round - self._eval_s
+        row = {"round": rnd, "loss": _num(loss), "images": int(images),
+               "images_per_s": images / max(train_s, 1e-9)}
+        if encoder is not None and self.is_eval_round(rnd):
+            row["knn_acc"] = self.knn(encoder)
+        row.update({k: _num(v) for k, v in extra.items()})
+        self.images_total += int(images)
+        self.train_s_total += train_s
+        row["elapsed_s"] = self.elapsed0 + time.time() - self._t0
+        self.history.append(row)
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        eta = (row["elapsed_s"] - self.elapsed0) / (rnd - self.start_round + 1) * (self.args.rounds - rnd)
+        knn = f"  kNN {row['knn_acc']:.4f}" if "knn_acc" in row else ""
+        print(f"round {rnd}/{self.args.rounds}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s  "
+              f"elapsed {row['elapsed_s']:.0f}s  ETA {eta:.0f}s{knn}", flush=True)
+        self._save(rnd)
+        if self._interrupted:
+            print(f"interrupted after round {rnd}; resume with: python {self.script}.py --resume {self.dir}",
+                  file=sys.stderr, flush=True)
+            sys.exit(130)
+
+    def timed_eval(self, fn, *a, **kw):
+        """Run an evaluation inside a round without counting it as training time."""
+        t = time.time()
+        out = fn(*a, **kw)
+        self._eval_s += time.time() - t
+        return out
+
+    # --- evaluation -------------------------------------------------------------------------
+    def knn(self, encoder: nn.Module) -> float:
+        t = time.time()
+        bank = features(encoder, self.data.train_x, self.augment)
+        query = features(encoder, self.data.test_x, self.augment)
+        pred = knn_predict(bank, self.data.train_y, query, self.data.num_classes)
+        self._eval_s += time.time() - t
+        return (pred == self.data.test_y).float().mean().item()
+
+    def evaluate(self, encoder: nn.Module) -> dict:
+        """kNN and linear probe of a frozen encoder (seeded, so it does not depend on training RNG)."""
+        t = time.time()
+        tr = features(encoder, self.data.train_x, self.augment)
+        te = features(encoder, self.data.test_x, self.augment)
+        knn = (knn_predict(tr, self.data.train_y, te, self.data.num_classes) == self.data.test_y).float().mean().item()
+        lin = linear_probe(tr, self.data.train_y, te, self.data.test_y, self.data.num_classes,
+                           self.args.probe_epochs, seed=self.args.seed)
+        self._eval_s += time.time() - t
+        return {"knn_acc": knn, "linear_acc": lin}
+
+    def random_encoder(self) -> nn.Module:
+        """A freshly initialised encoder of the same architecture (seeded apart from training)."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.args.seed + 12345)
+            return make_encoder(self.args, self.data.channels).to(self.device)
+
+    def finish(self, encoder: nn.Module | None = None, results: dict | None = None, **extra):
+        """Final evaluation, the random-encoder row, curves.png, and summary.json (written last)."""
+        results = dict(results) if results is not None else self.evaluate(encoder)
+        rand = self.evaluate(self.random_encoder())
+        summary = {**results, "random_encoder": rand,
+                   "images_per_s": self.images_total / max(self.train_s_total, 1e-9),
+                   "wall_s": self.elapsed0 + time.time() - self._t0, "rounds": self.args.rounds,
+                   **{k: _num(v) if not isinstance(v, (dict, list, str)) else v for k, v in extra.items()},
+                   "complete": True}
+        plot_curves(self.history, self.dir / "curves.png", self.script)
+        _write_json(self.dir / "summary.json", summary)
+        print(f"learned encoder: kNN {results['knn_acc']:.4f}  linear {results['linear_acc']:.4f}")
+        print(f"random encoder:  kNN {rand['knn_acc']:.4f}  linear {rand['linear_acc']:.4f}")
+        print(f"run folder: {self.dir}", flush=True)
+        return summary
+
+    # --- checkpoint ---------------------------------------------------------------------------
+    def _save(self, rnd: int):
+        ckpt = {"round": rnd, "history": self.history, "images_total": self.images_total,
+                "train_s_total": self.train_s_total, "elapsed_s": self.history[-1]["elapsed_s"],
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
+                "state": {k: _state_of(v) for k, v in self._state.items()}}
+        tmp = self.dir / "checkpoint.pt.tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, self.dir / "checkpoint.pt")
+
+    def _restore(self, state: dict):
+        ckpt = torch.load(self.dir / "checkpoint.pt", map_location=self.device, weights_only=False)
+        if (self.dir / "summary.json").exists():
+            print(f"note: {self.dir} already holds a complete run; re-running its final evaluation", file=sys.stderr)
+        for k, v in state.items():
+            _load_into(v, ckpt["state"][k])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        if ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.start_round = ckpt["round"] + 1
+        self.history = ckpt["history"]
+        self.images_total, self.train_s_total = ckpt["images_total"], ckpt["train_s_total"]
+        self.elapsed0 = ckpt["elapsed_s"]
+        with open(self.dir / "metrics.jsonl", "w") as f:        # drop lines of rounds after the checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+
+def _state_of(obj):
+    if hasattr(obj, "state_dict"):
+        return obj.state_dict()
+    if isinstance(obj, (list, tuple)):
+        return [_state_of(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _state_of(v) for k, v in obj.items()}
+    return obj.clone() if isinstance(obj, torch.Tensor) else obj
+
+
+def _load_into(obj, saved):
+    """Restore in place, so the method's own references stay valid: modules and optimizers by
+    load_state_dict, tensors by copy_, lists element by element, dicts by replacing their content."""
+    if hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(saved)
+    elif isinstance(obj, torch.Tensor):
+        obj.copy_(saved)
+    elif isinstance(obj, list):
+        for o, s in zip(obj, saved):
+            _load_into(o, s)
+    elif isinstance(obj, dict):
+        obj.clear()
+        obj.update(saved)
+    else:
+        raise TypeError(f"cannot restore a {type(obj).__name__} in place; keep it in a dict or a module")
+
+
+def _num(v):
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) else v
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_partition(counts: np.ndarray, path: Path, title: str):
+    plt = _plt()
+    n, c = counts.shape
+    fig, ax = plt.subplots(figsize=(min(2 + 0.4 * c, 12), min(1.5 + 0.3 * n, 10)))
+    im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_title(f"images per client and class ({title})")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict], path: Path, title: str):
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot([r["round"] for r in history], [r["loss"] for r in history])
+    a.set_xlabel("round")
+    a.set_ylabel("training loss")
+    ev = [r for r in history if "knn_acc" in r]
+    b.plot([r["round"] for r in ev], [r["knn_acc"] for r in ev], marker="o")
+    b.set_xlabel("round")
+    b.set_ylabel("kNN accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

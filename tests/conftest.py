@@ -1,0 +1,64 @@
+"""Shared test helpers: run a script end to end in a subprocess with a tiny budget."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# A budget that runs any method in seconds on two CPU cores.
+TINY = ["--train-size", "600", "--test-size", "300", "--clients", "4", "--rounds", "2", "--local-epochs", "1",
+        "--batch-size", "32", "--eval-every", "1", "--probe-epochs", "2", "--device", "cpu"]
+
+
+def run_script(script, *flags, out, timeout=600, env=None):
+    """Run `python script flags --out out`; returns (CompletedProcess, run folder or None)."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, flags), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    folders = sorted(Path(out).glob("*/")) if Path(out).exists() else []
+    return proc, (folders[-1] if folders else None)
+
+
+def read_run(folder):
+    """summary.json (or None), metrics.jsonl rows and config.json of a run folder."""
+    folder = Path(folder)
+    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else None
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return summary, metrics, json.loads((folder / "config.json").read_text())
+
+
+def assert_complete_run(folder, rounds):
+    """The run-folder contract every script shares (see README, Protocol)."""
+    folder = Path(folder)
+    for name in ("config.json", "partition.json", "metrics.jsonl", "checkpoint.pt", "curves.png",
+                 "partition.png", "summary.json"):
+        assert (folder / name).is_file(), f"{name} missing in {folder}"
+    summary, metrics, _ = read_run(folder)
+    assert summary["complete"] is True
+    assert [m["round"] for m in metrics] == list(range(1, rounds + 1))
+    assert all(m["images_per_s"] > 0 and m["loss"] == m["loss"] for m in metrics)
+    assert "knn_acc" in metrics[-1]
+    for key in ("knn_acc", "linear_acc"):
+        assert 0 <= summary[key] <= 1
+        assert 0 <= summary["random_encoder"][key] <= 1
+    assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
+    return summary, metrics
+
+
+def assert_bad_input(proc, out, needle):
+    """Exit 2, one `error:` line on stderr mentioning `needle`, no traceback, no complete run."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and needle in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(Path(out).glob("*/summary.json"))
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "runs"
