@@ -292,7 +292,9 @@ def _stat(fn, labels, clients, alpha, seeds):
 
 def _statistics(which: int, tol: float):
     """A case: label skew (which=0) or size spread (which=1) over 20 seeds close to the reference's,
-    for alpha 0.1, 1 and 100; the tolerance is about five standard errors of the 20-seed mean."""
+    for alpha 0.1, 1 and 100. Between two correct versions that use the rng in different orders the
+    20-seed difference had a standard deviation of at most 0.010 (skew) and 0.035 (size spread,
+    alpha 0.1) over 30 blocks of seeds; the tolerances are 8 and 5 of those."""
     def test(student, reference):
         labels, seeds = np.repeat(np.arange(10), 100), range(100, 120)
         lines = []
@@ -326,7 +328,7 @@ def dirichlet_cases():
         ("same seed -> same partition; another seed -> another partition", _reproducible),
         ("label skew follows alpha: mean share of a client's largest class (20 seeds; alpha 0.1, 1, 100)",
          _statistics(0, 0.08)),
-        ("client sizes vary as per-class Dirichlet shares imply: size std / mean (20 seeds)", _statistics(1, 0.12)),
+        ("client sizes vary as per-class Dirichlet shares imply: size std / mean (20 seeds)", _statistics(1, 0.18)),
     ]
 
 
