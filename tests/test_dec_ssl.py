@@ -1,0 +1,234 @@
+"""dec_ssl.py: each objective against a slow reference, FeatARC's assignment and per-cluster averaging
+(with the released code's indexing defect reproduced and shown to fail), the server lr schedule, and
+end-to-end runs for every --ssl value and for --featarc."""
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import dec_ssl
+from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script
+
+
+def cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_simclr_objective_is_nt_xent_over_2b_views():
+    torch.manual_seed(0)
+    z1, z2, tau = torch.randn(5, 7), torch.randn(5, 7), 0.5
+    z = [F.normalize(v, dim=0).tolist() for v in torch.cat([z1, z2])]
+    total = 0.0
+    for i in range(10):        # view i's positive is its partner, every other view a negative
+        j = (i + 5) % 10
+        denom = sum(math.exp(sum(a * b for a, b in zip(z[i], z[k])) / tau) for k in range(10) if k != i)
+        total += -math.log(math.exp(sum(a * b for a, b in zip(z[i], z[j])) / tau) / denom)
+    assert common.nt_xent(z1, z2, tau).item() == pytest.approx(total / 10, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["simsiam", "byol"])
+def test_negative_cosine_losses_and_stop_gradient(name):
+    """Value against a loop; the predictor h gets gradient, the target branch does not."""
+    torch.manual_seed(1)
+    h = nn.Linear(6, 6)
+    z1, z2 = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    p1, p2 = h(z1), h(z2)
+    if name == "simsiam":      # D(p1, z2)/2 + D(p2, z1)/2, D = -cos
+        loss = dec_ssl.simsiam_loss(p1, p2, z1, z2)
+        ref = sum(-cos(p1[i].tolist(), z2[i].tolist()) / 2 - cos(p2[i].tolist(), z1[i].tolist()) / 2
+                  for i in range(4)) / 4
+    else:                      # ||p/|p| - t/|t|||^2 summed over both view orders
+        loss = dec_ssl.byol_loss(p1, p2, z1, z2)
+        ref = sum(((F.normalize(p1[i], dim=0) - F.normalize(z2[i], dim=0)) ** 2).sum().item()
+                  + ((F.normalize(p2[i], dim=0) - F.normalize(z1[i], dim=0)) ** 2).sum().item() for i in range(4)) / 4
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    loss.backward()
+    assert h.weight.grad.abs().sum() > 0                              # the predictor learns
+    # z reaches the loss twice: through h (gradient) and as a target (stop-gradient); only the first counts
+    zc1, zc2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    fn = dec_ssl.simsiam_loss if name == "simsiam" else dec_ssl.byol_loss
+    fn(h(zc1), h(zc2), z1.detach(), z2.detach()).backward()
+    assert torch.allclose(z1.grad, zc1.grad, atol=1e-6) and torch.allclose(z2.grad, zc2.grad, atol=1e-6)
+    zf1, zf2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    p1f, p2f = h(zf1), h(zf2)          # without stop-gradient the target path would add gradient
+    (-(F.cosine_similarity(p1f, zf2).mean() + F.cosine_similarity(p2f, zf1).mean())).backward()
+    assert not torch.allclose(zf1.grad * (0.5 if name == "simsiam" else 2), z1.grad, atol=1e-4)
+
+
+def test_moco_loss_matches_loop_and_keys_get_no_gradient():
+    torch.manual_seed(2)
+    q1, q2 = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    k1, k2 = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    queue, tau = F.normalize(torch.randn(4, 5), dim=1), 0.2
+    loss = dec_ssl.moco_loss(q1, q2, k1, k2, queue, tau)
+
+    def infonce(q, k):
+        total = 0.0
+        for i in range(3):
+            logits = [cos(q[i].tolist(), k[i].tolist()) / tau] + [cos(q[i].tolist(), n.tolist()) / tau for n in queue]
+            total += -logits[0] + math.log(sum(math.exp(v) for v in logits))
+        return total / 3
+    assert loss.item() == pytest.approx((infonce(q1, k2) + infonce(q2, k1)) / 2, rel=1e-5)
+    loss.backward()
+    assert k1.grad is None and k2.grad is None and q1.grad.abs().sum() > 0
+
+
+def test_featarc_alignment_term():
+    torch.manual_seed(3)
+    a = F.normalize(torch.randn(4, 6), dim=1).requires_grad_()
+    z1, z2 = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
+    ref = -0.5 * sum(cos(a[i].tolist(), z1[i].tolist()) + cos(a[i].tolist(), z2[i].tolist()) for i in range(4)) / 4
+    loss = dec_ssl.featarc_align(a, z1, z2)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    loss.backward()
+    assert a.grad is None and z1.grad.abs().sum() > 0                # the anchor is frozen
+
+
+def test_assignment_picks_the_best_aligned_cluster():
+    torch.manual_seed(4)
+    own = F.normalize(torch.randn(50, 8), dim=1)
+    far, near, opposite = F.normalize(torch.randn(50, 8), dim=1), F.normalize(own + 0.3 * torch.randn(50, 8), dim=1), -own
+    assert dec_ssl.assign_cluster(own, [far, near, opposite]) == 1
+    assert dec_ssl.assign_cluster(own, [opposite, far]) == 1
+    # with real encoders: a client whose last local model is cluster 2 (slightly trained) goes back to 2
+    x = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    data = common.Data(x, torch.zeros(40, dtype=torch.long), x, torch.zeros(40, dtype=torch.long), 10, (0.3,), (0.35,))
+    run = SimpleNamespace(data=data, augment=common.Augment(data))
+    encs = [common.SmallCNN(1) for _ in range(3)]
+    local = copy.deepcopy(encs[2])
+    with torch.no_grad():
+        for p in local.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    idx = torch.arange(40)
+    feats = [dec_ssl.clean_features(e, run, idx) for e in encs]
+    assert dec_ssl.assign_cluster(dec_ssl.clean_features(local, run, idx), feats) == 2
+
+
+def _states(ids):
+    """One upload per client: a weight equal to the client id and a BN-style integer counter."""
+    return [{"w": torch.tensor([float(c)]), "n": torch.tensor(10 * c)} for c in ids]
+
+
+def _check_cluster_average(aggregate_fn):
+    """6 clients, 3 sampled, in the order 2, 4, 1; cluster assignments known for all six (as in the
+    released code); only SAMPLED clients may enter, each into its own cluster."""
+    order, assign_all = [2, 4, 1], [1, 0, 0, 1, 1, 1]
+    out = aggregate_fn(order, _states(order), assign_all, 2)
+    assert out[0]["w"].item() == pytest.approx((1 + 2) / 2)          # clients 1 and 2
+    assert out[1]["w"].item() == pytest.approx(4.0)                  # client 4 only
+    assert out[1]["n"].dtype == torch.int64 and out[1]["n"].item() == 40
+
+
+def test_per_cluster_average_is_keyed_by_client_id():
+    ours = lambda order, ups, assign_all, C: dec_ssl.aggregate(
+        dict(zip(order, ups)), {c: assign_all[c] for c in order}, C)
+    _check_cluster_average(ours)
+
+
+def test_the_released_indexing_fails_the_same_check():
+    def released(order, local_weights, assign_all, C):   # decentralized_featarc_ssl_main.py, transcribed
+        out = {}
+        for i in range(C):
+            selected_idx = np.where(np.array(assign_all) == i)[0]
+            if len(selected_idx) > 0:
+                out[i] = common.fedavg([local_weights[idx] for idx in selected_idx])
+        return out
+    with pytest.raises((AssertionError, IndexError)):
+        _check_cluster_average(released)
+
+
+def test_weighted_per_cluster_average_uses_the_members_sizes():
+    sizes = torch.tensor([1.0, 3.0, 100.0, 1.0], dtype=torch.float64)
+    ups = {0: _states([0])[0], 1: _states([1])[0], 3: _states([3])[0]}
+    out = dec_ssl.aggregate(ups, {0: 0, 1: 0, 3: 1}, 2, weights=sizes)
+    assert out[0]["w"].item() == pytest.approx((0 * 1 + 1 * 3) / 4) and out[1]["w"].item() == 3.0
+
+
+def test_server_lr_schedule_and_the_released_few_rounds_defect():
+    def released(R):            # MultiStepLR with milestones [int(.3R), int(.6R), int(.9R)], stepped per round
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(R * 0.3), int(R * 0.6), int(R * 0.9)], gamma=0.3)
+        lrs = []
+        for _ in range(R):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return lrs
+    ours = lambda R: [dec_ssl.server_lr(SimpleNamespace(lr=1.0, lr_decay=True, rounds=R), r) for r in range(1, R + 1)]
+    for R in (10, 20, 50):      # integer milestones: identical to the released schedule
+        assert ours(R) == pytest.approx(released(R))
+    for R in (1, 2, 3):         # few rounds: the released schedule starts decayed, ours starts at lr
+        assert released(R)[0] < 1.0 and ours(R)[0] == 1.0
+    assert ours(2) == pytest.approx([1.0, 0.3]) and ours(4) == pytest.approx([1.0, 1.0, 0.3, 0.09])
+
+
+def test_first80_keeps_the_first_80_percent_of_the_label_ordered_list():
+    y = torch.tensor([3, 0, 1, 0, 2, 1, 3, 2, 1, 0])
+    run = SimpleNamespace(clients=[torch.arange(10)], data=SimpleNamespace(train_y=y))
+    idx = dec_ssl.client_indices(run, 0, SimpleNamespace(first80=True))
+    assert y[idx].tolist() == [0, 0, 0, 1, 1, 1, 2, 2]                # class 3 is dropped entirely
+    assert len(dec_ssl.client_indices(run, 0, SimpleNamespace(first80=False))) == 10
+
+
+def test_byol_target_is_a_frozen_copy_and_reset_matches_online():
+    args = dec_ssl.Args(ssl="byol", hidden_dim=16)
+    m = dec_ssl.SSLModel(args, common.SmallCNN(1, width=4))
+    assert all(not p.requires_grad for p in m.target.parameters())
+    with torch.no_grad():
+        m.encoder.net[0].weight.add_(1.0)
+    m.reset_target()
+    assert torch.equal(m.target[0].net[0].weight, m.encoder.net[0].weight)
+    assert dec_ssl.SSLModel(dec_ssl.Args(ssl="simclr"), common.SmallCNN(1)).target is None
+
+
+@pytest.mark.parametrize("ssl", ["simclr", "simsiam", "byol", "moco"])
+def test_end_to_end_every_objective(ssl, out):
+    proc, folder = run_script("dec_ssl.py", *TINY, "--ssl", ssl, "--partition", "dirichlet", "--alpha", "0.5", out=out)
+    assert proc.returncode == 0, proc.stderr
+    summary, metrics = assert_complete_run(folder, rounds=2)
+    assert summary["ssl"] == ssl
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 3e-4])  # 2 rounds: decayed once, in round 2
+
+
+def test_featarc_end_to_end_and_resume(out, tmp_path):
+    flags = [*TINY, "--clients", "4", "--ssl", "byol", "--featarc", "true", "--clusters", "2", "--participation", "0.5"]
+    proc, folder = run_script("dec_ssl.py", *flags, out=out)
+    assert proc.returncode == 0, proc.stderr
+    summary, metrics = assert_complete_run(folder, rounds=2)
+    assert len(summary["clusters"]) == 2 and "MEAN" in summary["headline"]
+    for key in ("knn_acc", "linear_acc"):
+        assert summary[key] == pytest.approx(sum(c[key] for c in summary["clusters"]) / 2)
+    best = summary["best_cluster"]
+    assert best["linear_acc"] == max(c["linear_acc"] for c in summary["clusters"])
+    assert best["knn_acc"] == summary["clusters"][best["cluster"]]["knn_acc"]
+    for m in metrics:           # 2 of 4 clients per round, each in cluster 0 or 1; the others -1
+        assert sorted(m["assign"])[:2] == [-1, -1] and all(a in (0, 1) for a in sorted(m["assign"])[2:])
+        assert m["knn_acc"] == pytest.approx(sum(m["knn_clusters"]) / 2)
+    # resume: stop after round 1, continue to 2, get the uninterrupted run's numbers
+    out2 = tmp_path / "runs2"
+    proc, half = run_script("dec_ssl.py", *flags, "--rounds", "1", out=out2)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((half / "config.json").read_text())
+    cfg["args"]["rounds"] = 2
+    (half / "config.json").write_text(json.dumps(cfg))
+    (half / "summary.json").unlink()
+    proc, _ = run_script("dec_ssl.py", "--resume", half, out=out2)
+    assert proc.returncode == 0, proc.stderr
+    resumed, rmetrics, _ = read_run(half)
+    for a, b in zip(metrics, rmetrics):
+        assert (a["loss"], a["assign"], a["knn_clusters"]) == (b["loss"], b["assign"], b["knn_clusters"])
+    assert resumed["linear_acc"] == summary["linear_acc"]
+
+
+@pytest.mark.parametrize("flags,needle", [(["--ssl", "swav"], "--ssl"), (["--ema", "1"], "--ema"),
+                                          (["--featarc", "true", "--proj-dim", "64"], "--proj-dim")])
+def test_bad_flags_exit_2(flags, needle, out):
+    proc, _ = run_script("dec_ssl.py", *TINY, *flags, out=out)
+    assert_bad_input(proc, out, needle)
