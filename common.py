@@ -88,6 +88,8 @@ class RunArgs:
     """use a seeded, class-stratified subset of this many training images (0 = all)"""
     test_size: int = 0
     """use a seeded, class-stratified subset of this many test images (0 = all); for tests"""
+    holdout: int = 0
+    """evaluate on this many held-out TRAINING images instead of the test set (for choosing hyper-parameters)"""
     crop_min: float = 0.2
     """smallest area of the random resized crop (0.08 in SimCLR's ImageNet recipe)"""
     eval_every: int = 5
@@ -118,7 +120,7 @@ class RunArgs:
         for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "classes_per_client"):
             if getattr(self, name) < 1:
                 fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        for name in ("train_size", "test_size", "probe_epochs", "min_client_size"):
+        for name in ("train_size", "test_size", "holdout", "probe_epochs", "min_client_size"):
             if getattr(self, name) < 0:
                 fail(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.alpha <= 0:
@@ -292,13 +294,18 @@ def load_data(args: RunArgs, device) -> tuple[Data, np.ndarray]:
         tx, ty, vx, vy, k = load_fmnist(data_dir / "fashion-mnist")
     else:
         tx, ty, vx, vy, k = load_cifar(args.dataset, data_dir)
+    original = np.arange(len(ty))
+    if args.holdout:        # a validation split carved out of the training set; the test set is not touched
+        val = stratified_subset(ty, args.holdout, args.seed + 2)
+        original = np.setdiff1d(original, val)
+        vx, vy, tx, ty = tx[val], ty[val], tx[original], ty[original]
     keep = stratified_subset(ty, args.train_size, args.seed)
     keep_test = stratified_subset(vy, args.test_size, args.seed + 1)
     as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)
     mean, std = STATS[args.dataset]
     data = Data(as_t(tx[keep], torch.uint8), as_t(ty[keep], torch.int64), as_t(vx[keep_test], torch.uint8),
                 as_t(vy[keep_test], torch.int64), k, mean, std)
-    return data, keep
+    return data, original[keep]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +318,9 @@ def partition(labels: np.ndarray, args: RunArgs, log=print) -> list[np.ndarray]:
     if clients > n:
         fail(f"--clients {clients} is more than the {n} training images")
     rng = np.random.default_rng(args.seed)
-    if args.partition == "iid":
+    if clients == 1:                      # centralized: one client holds everything, whatever the partition
+        parts = [np.arange(n)]
+    elif args.partition == "iid":
         parts = np.array_split(rng.permutation(n), clients)
     elif args.partition == "dirichlet":
         parts = dirichlet_partition(labels, clients, args.alpha, args.min_client_size, rng)
@@ -355,9 +364,12 @@ def class_partition(labels, clients, k, rng, log=print):
         per_class = clients * k // num_classes
         shards = {c: np.array_split(rng.permutation(np.flatnonzero(labels == c)), per_class)
                   for c in range(num_classes)}
-        # each pass over a fresh class permutation hands every class out exactly once, k at a time
-        order = np.concatenate([rng.permutation(num_classes) for _ in range(per_class)])
-        return [np.concatenate([shards[c].pop() for c in order[i * k:(i + 1) * k]]) for i in range(clients)]
+        left, parts = np.full(num_classes, per_class), []
+        for _ in range(clients):      # the k classes with most shards left (random tie-break) stay feasible
+            pick = np.argsort(-(left + 0.5 * rng.random(num_classes)))[:k]
+            left[pick] -= 1
+            parts.append(np.concatenate([shards[c].pop() for c in pick]))
+        return parts
     log(f"note: {clients} clients x {k} classes is not a multiple of {num_classes} classes; dealing "
         f"label-sorted shards at random (MocoSFL's rule), so a client may hold fewer than {k} distinct classes")
     sorted_idx = np.argsort(labels, kind="stable")
@@ -396,8 +408,10 @@ class Augment:
     aspect ratio is clamped instead of re-drawn, the jitter order is fixed, and hue is a rotation
     of the chroma plane in YIQ space rather than an HSV shift."""
 
-    def __init__(self, data: Data, crop_min: float = 0.2, strength: float = 0.4, hue: float = 0.1):
+    def __init__(self, data: Data, crop_min: float = 0.2, strength: float = 0.4, hue: float = 0.1,
+                 ratio: tuple = (3 / 4, 4 / 3)):
         dev = data.train_x.device
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.rgb = data.channels == 3
         self.crop_min, self.s, self.hue = crop_min, strength, hue
         self.mean = torch.tensor(data.mean, device=dev).view(1, -1, 1, 1)
@@ -408,7 +422,7 @@ class Augment:
         b, dev = x.shape[0], x.device
         u = torch.rand(b, 8, device=dev)   # every random number of the batch in one draw
         area = self.crop_min + (1 - self.crop_min) * u[:, 0]
-        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+        log_ratio = self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[:, 1]
         w = (area * log_ratio.exp()).sqrt().clamp(max=1)        # crop size as a fraction of the side
         h = (area / log_ratio.exp()).sqrt().clamp(max=1)
         cx = (1 - w) * (2 * u[:, 2] - 1)                        # crop centre in [-1, 1] coordinates
@@ -636,7 +650,7 @@ def knn_predict(bank, bank_y, query, num_classes: int, k: int = 200, t: float = 
     return torch.cat(preds)
 
 
-def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=30, seed=0, batch=256, lr=1e-3):
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=30, seed=0, batch=256, lr=1e-2):
     """One recipe for every method: standardise frozen features with training statistics, train one
     linear layer with Adam (cosine decay), report test accuracy after the LAST epoch."""
     if epochs == 0:
@@ -859,7 +873,7 @@ class Run:
 
     def finish(self, encoder: nn.Module | None = None, results: dict | None = None, **extra):
         """Final evaluation, the random-encoder row, curves.png, and summary.json (written last)."""
-        results = dict(results) if results is not None else self.evaluate(encoder)
+        results = {k: _num(v) for k, v in results.items()} if results is not None else self.evaluate(encoder)
         rand = self.evaluate(self.random_encoder())
         summary = {**results, "random_encoder": rand,
                    "images_per_s": self.images_total / max(self.train_s_total, 1e-9),

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # A budget that runs any method in seconds on two CPU cores.
-TINY = ["--train-size", "600", "--test-size", "300", "--clients", "4", "--rounds", "2", "--local-epochs", "1",
+TINY = ["--train-size", "600", "--test-size", "300", "--clients", "5", "--rounds", "2", "--local-epochs", "1",
         "--batch-size", "32", "--eval-every", "1", "--probe-epochs", "2", "--device", "cpu"]
 
 

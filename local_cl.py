@@ -1,0 +1,99 @@
+"""Local SimCLR: every client trains alone on its own images, nothing is shared (the lower bound).
+
+Paper: Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations"
+(ICML 2020, arXiv 2002.05709). Federated SSL papers use this as the "local training" baseline:
+what a client gets without collaborating. It is fedavg_cl.py with the server removed:
+`diff fedavg_cl.py local_cl.py` shows exactly that.
+
+What is faithful: [SimCLR] two augmented views, MLP projector, NT-Xent with temperature tau.
+Our choices: each client keeps its own model AND its own optimizer across rounds (a "round" here is
+only a bookkeeping unit of E local epochs, so the image-pass budget equals fedavg_cl's); every
+client's encoder is evaluated with the shared protocol (bank = the whole training set in use, so a
+2-class client is asked about all 10 classes); the summary reports each client's numbers and their
+mean and std, and the headline knn_acc / linear_acc are the means. The per-round kNN is the mean
+over clients.
+
+Run:      python local_cl.py                    (10 clients, 2 classes each, Fashion-MNIST, CPU)
+          python local_cl.py --preset paper     (CIFAR-10, ResNet-18, 5 clients, 2 classes each; GPU)
+Expected: see the README's results table; clearly below fedavg_cl under 2 classes per client.
+"""
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common
+
+
+@dataclass
+class Args(common.RunArgs):
+    tau: float = 0.5
+    """NT-Xent temperature (SimCLR's CIFAR setting)"""
+    proj_dim: int = 128
+    """output size of the projection head"""
+
+    PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="classes",
+                                 classes_per_client=2, rounds=100, local_epochs=5, batch_size=128,
+                                 optimizer="sgd", lr=0.032, weight_decay=5e-4, train_size=0,
+                                 eval_every=10, probe_epochs=100, crop_min=0.08)
+
+    def check(self):
+        super().check()
+        if self.tau <= 0:
+            common.fail(f"--tau must be > 0 (got {self.tau})")
+        if self.participation < 1:
+            common.fail("--participation: local training has no server to sample clients; use 1.0")
+
+
+class SimCLR(nn.Module):
+    """Encoder f and projection head g: z = g(f(x))."""
+
+    def __init__(self, encoder: nn.Module, proj_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = common.mlp([encoder.dim, encoder.dim, proj_dim])
+
+    def forward(self, x):
+        return self.projector(self.encoder(x))
+
+
+def local_update(model: SimCLR, opt, run: common.Run, idx: torch.Tensor, args: Args):
+    """E epochs of SimCLR on one client's images with its own optimizer; returns (mean loss, images)."""
+    loss_sum, steps, images = torch.zeros((), device=run.device), 0, 0
+    for _ in range(args.local_epochs):
+        for b in run.batches(idx):
+            v1, v2 = run.two_views(b)
+            z1, z2 = model(torch.cat([v1, v2])).chunk(2)
+            loss = common.nt_xent(z1, z2, args.tau)            # SimCLR Eq. 1, averaged over 2B views
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            steps, images = steps + 1, images + 2 * len(b)
+    return loss_sum / max(steps, 1), images
+
+
+def main():
+    args, run = common.start(Args)
+    models = [SimCLR(common.make_encoder(args, run.data.channels), args.proj_dim).to(run.device)
+              for _ in range(args.clients)]
+    opts = [common.make_optimizer(m.parameters(), args) for m in models]
+    for rnd in run.rounds({"models": models, "opts": opts}):
+        losses, images = [], 0
+        for c in range(args.clients):                             # no server: each client alone
+            loss, n = local_update(models[c], opts[c], run, run.clients[c], args)
+            losses.append(loss)
+            images += n
+        knn = np.mean([run.knn(m.encoder) for m in models]) if run.is_eval_round(rnd) else None
+        run.log(rnd, loss=torch.stack(losses).mean(), images=images,
+                **({"knn_acc": knn} if knn is not None else {}))
+    per_client = [run.evaluate(m.encoder) for m in models]
+    knn, lin = np.array([r["knn_acc"] for r in per_client]), np.array([r["linear_acc"] for r in per_client])
+    run.finish(results={"knn_acc": knn.mean(), "linear_acc": lin.mean()},
+               knn_acc_std=knn.std(), linear_acc_std=lin.std(), per_client=per_client)
+
+
+if __name__ == "__main__":
+    main()

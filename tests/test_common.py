@@ -1,0 +1,340 @@
+"""common.py against independent references: losses, aggregation, kNN, partitions, augmentation, data."""
+import gzip
+import math
+import pickle
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# --- losses ----------------------------------------------------------------------------------
+
+def nt_xent_loop(z1, z2, tau):
+    """SimCLR Eq. 1 written out: for each of the 2B views, -log(exp(s_pos) / sum_{k != i} exp(s_ik))."""
+    z = torch.cat([z1, z2])
+    n, b = len(z), len(z1)
+    total = 0.0
+    for i in range(n):
+        j = (i + b) % n
+        cos = lambda a, c: (z[a] @ z[c]) / (z[a].norm() * z[c].norm())
+        denom = sum(math.exp(cos(i, k).item() / tau) for k in range(n) if k != i)
+        total += -math.log(math.exp(cos(i, j).item() / tau) / denom)
+    return total / n
+
+
+def info_nce_loop(q, k, queue, tau):
+    total = 0.0
+    for i in range(len(q)):
+        qi, ki = q[i] / q[i].norm(), k[i] / k[i].norm()
+        pos = math.exp((qi @ ki).item() / tau)
+        neg = sum(math.exp((qi @ n).item() / tau) for n in queue)
+        total += -math.log(pos / (pos + neg))
+    return total / len(q)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5, 1.0])
+def test_nt_xent_matches_loop_reference(tau):
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    assert common.nt_xent(z1, z2, tau).item() == pytest.approx(nt_xent_loop(z1, z2, tau), rel=1e-5)
+
+
+def test_nt_xent_is_low_for_matching_views_and_symmetric():
+    torch.manual_seed(1)
+    z = torch.randn(8, 16)
+    assert common.nt_xent(z, z, 0.1) < common.nt_xent(z, torch.randn(8, 16), 0.1)
+    z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+    assert common.nt_xent(z1, z2, 0.5).item() == pytest.approx(common.nt_xent(z2, z1, 0.5).item(), rel=1e-6)
+
+
+def test_info_nce_matches_loop_reference_with_and_without_queue():
+    torch.manual_seed(2)
+    q, k = torch.randn(5, 8), torch.randn(5, 8)
+    queue = F.normalize(torch.randn(7, 8), dim=1)
+    assert common.info_nce(q, k, queue, 0.2).item() == pytest.approx(info_nce_loop(q, k, queue, 0.2), rel=1e-5)
+    assert common.info_nce(q, k, queue[:0], 0.2).item() == pytest.approx(0.0, abs=1e-7)   # only the positive
+
+
+def test_info_nce_sends_no_gradient_into_the_queue():
+    q, k = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    queue = torch.randn(6, 8, requires_grad=True)
+    common.info_nce(q, k, queue.detach(), 0.2).backward()
+    assert q.grad is not None and queue.grad is None
+
+
+def test_ema_update_moves_parameters_and_copies_buffers():
+    online, target = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        online.weight.fill_(1.0), target.weight.fill_(0.0)
+        online.running_mean.fill_(5.0)
+    common.ema_update(target, online, m=0.9)
+    assert torch.allclose(target.weight, torch.full((3,), 0.1))
+    assert torch.equal(target.running_mean, online.running_mean)
+
+
+# --- aggregation -----------------------------------------------------------------------------
+
+def test_fedavg_weighted_by_hand_including_batchnorm_buffers():
+    nets = [nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)) for _ in range(3)]
+    for i, net in enumerate(nets):
+        for p in net.parameters():
+            nn.init.constant_(p, float(i + 1))            # client i: every weight = i + 1
+        net[1].running_mean.fill_(10.0 * (i + 1))
+        net[1].running_var.fill_(float(i + 1) ** 2)
+        net[1].num_batches_tracked.fill_([3, 4, 10][i])
+    sizes = [100, 300, 600]
+    avg = common.fedavg([n.state_dict() for n in nets], weights=sizes)
+    # hand computation: weights 0.1, 0.3, 0.6
+    assert torch.allclose(avg["0.weight"], torch.full((2, 2), 0.1 * 1 + 0.3 * 2 + 0.6 * 3))
+    assert torch.allclose(avg["1.running_mean"], torch.full((2,), 0.1 * 10 + 0.3 * 20 + 0.6 * 30))
+    assert torch.allclose(avg["1.running_var"], torch.full((2,), 0.1 * 1 + 0.3 * 4 + 0.6 * 9))
+    nbt = avg["1.num_batches_tracked"]
+    assert nbt.dtype == torch.int64 and nbt.item() == round(0.1 * 3 + 0.3 * 4 + 0.6 * 10)   # 7.5 -> 8
+    nets[0].load_state_dict(avg)                          # loadable as a state dict
+
+
+def test_fedavg_unweighted_is_plain_mean():
+    states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    assert torch.equal(common.fedavg(states)["w"], torch.tensor([2.0, 4.0]))
+    assert torch.equal(common.fedavg(states, weights=[1, 3])["w"], torch.tensor([2.5, 5.0]))
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+def knn_brute_force(bank, bank_y, query, num_classes, k, t):
+    preds = []
+    for q in query:
+        sims = [(F.cosine_similarity(q, b, dim=0).item(), int(y)) for b, y in zip(bank, bank_y)]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * num_classes
+        for s, y in sims[:k]:
+            votes[y] += math.exp(s / t)
+        preds.append(max(range(num_classes), key=lambda c: votes[c]))
+    return preds
+
+
+@pytest.mark.parametrize("k", [1, 5, 200])
+def test_knn_matches_brute_force(k):
+    torch.manual_seed(3)
+    bank, bank_y, query = torch.randn(60, 6), torch.randint(0, 4, (60,)), torch.randn(25, 6)
+    fast = common.knn_predict(bank, bank_y, query, 4, k=k, t=0.1, chunk=7).tolist()
+    assert fast == knn_brute_force(bank, bank_y, query, 4, k, 0.1)
+
+
+def test_linear_probe_separable_features_and_seeded():
+    torch.manual_seed(4)
+    y = torch.randint(0, 3, (300,))
+    f = F.one_hot(y, 3).float() * 3 + 0.1 * torch.randn(300, 3)
+    acc = common.linear_probe(f[:200], y[:200], f[200:], y[200:], 3, epochs=20, seed=0, batch=32)
+    assert acc > 0.95
+    assert acc == common.linear_probe(f[:200], y[:200], f[200:], y[200:], 3, epochs=20, seed=0, batch=32)
+
+
+# --- partitions ------------------------------------------------------------------------------
+
+def args_for(**kw):
+    base = dict(clients=10, partition="iid", alpha=0.5, classes_per_client=2, skew_ratio=0.0,
+                min_client_size=10, seed=0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+LABELS = np.repeat(np.arange(10), 100)            # 1000 images, 100 per class
+
+
+def check_disjoint_covering(parts, n):
+    flat = np.concatenate(parts)
+    assert len(flat) == n and len(np.unique(flat)) == n
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "classes", "skew"])
+def test_partitions_disjoint_covering_seeded(kind):
+    parts = common.partition(LABELS, args_for(partition=kind, skew_ratio=0.5))
+    check_disjoint_covering(parts, len(LABELS))
+    again = common.partition(LABELS, args_for(partition=kind, skew_ratio=0.5))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = common.partition(LABELS, args_for(partition=kind, skew_ratio=0.5, seed=1))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+
+
+def test_classes_partition_gives_k_distinct_classes_when_numbers_divide():
+    for clients, k in [(10, 2), (5, 2), (20, 3), (4, 5)]:
+        parts = common.partition(LABELS, args_for(partition="classes", clients=clients, classes_per_client=k))
+        check_disjoint_covering(parts, len(LABELS))
+        counts = common.class_counts(LABELS, parts, 10)
+        assert ((counts > 0).sum(1) == k).all()
+        assert (counts.sum(0) == 100).all()
+
+
+def test_classes_partition_falls_back_to_random_shards_with_a_note():
+    notes = []
+    parts = common.partition(LABELS, args_for(partition="classes", clients=7, classes_per_client=2), log=notes.append)
+    check_disjoint_covering(parts, len(LABELS))
+    assert len(parts) == 7 and notes and "not a multiple" in notes[0]
+    assert ((common.class_counts(LABELS, parts, 10) > 0).sum(1) <= 4).all()
+
+
+def test_dirichlet_min_size_and_skew_grows_as_alpha_shrinks():
+    def skew(alpha):
+        parts = common.partition(LABELS, args_for(partition="dirichlet", alpha=alpha, clients=5, min_client_size=20))
+        assert min(len(p) for p in parts) >= 20
+        c = common.class_counts(LABELS, parts, 10).astype(float)
+        return (c.max(1) / c.sum(1)).mean()               # share of a client's dominant class
+    assert skew(0.05) > skew(100.0) + 0.3
+
+
+def test_skew_ratio_zero_is_label_sorted_and_one_is_iid():
+    sorted_parts = common.partition(LABELS, args_for(partition="skew", clients=5, skew_ratio=0.0))
+    assert ((common.class_counts(LABELS, sorted_parts, 10) > 0).sum(1) == 2).all()   # 2 classes each
+    iid_parts = common.partition(LABELS, args_for(partition="skew", clients=5, skew_ratio=1.0))
+    assert ((common.class_counts(LABELS, iid_parts, 10) > 0).sum(1) >= 9).all()
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(partition="iid", clients=2000), "more than the 1000 training images"),
+    (dict(partition="classes", classes_per_client=11), "more than the 10 classes"),
+    (dict(partition="dirichlet", alpha=0.001, clients=100, min_client_size=10), "no draw"),
+])
+def test_impossible_partitions_are_refused(kw, needle):
+    with pytest.raises(common.UserError, match=needle):
+        common.partition(LABELS, args_for(**kw))
+
+
+def test_stratified_subset_keeps_class_proportions():
+    labels = np.repeat(np.arange(4), [400, 300, 200, 100])
+    idx = common.stratified_subset(labels, 100, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [40, 30, 20, 10]
+    assert np.array_equal(idx, common.stratified_subset(labels, 100, seed=0))
+    assert len(common.stratified_subset(labels, 0, seed=0)) == 1000
+
+
+# --- augmentation ----------------------------------------------------------------------------
+
+def fake_data(channels):
+    x = torch.randint(0, 256, (8, channels, 28, 28), dtype=torch.uint8)
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    return common.Data(x, torch.zeros(8, dtype=torch.long), x, torch.zeros(8, dtype=torch.long), 10, mean, std)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augment_draws_per_image_parameters_and_a_seed_reproduces_a_batch(channels):
+    data = fake_data(channels)
+    aug = common.Augment(data)
+    same = data.train_x[:1].repeat(6, 1, 1, 1)             # six copies of ONE image
+    torch.manual_seed(0)
+    out = aug(same)
+    assert out.shape == (6, channels, 28, 28) and out.dtype == torch.float32
+    assert not torch.allclose(out[0], out[1])               # different crops/colours within one batch
+    assert len({round(v, 4) for v in out.flatten(1).sum(1).tolist()}) == 6
+    torch.manual_seed(0)
+    assert torch.equal(out, aug(same))                      # the seed reproduces the batch
+
+
+def test_augment_plain_is_normalisation_only():
+    data = fake_data(3)
+    aug = common.Augment(data)
+    x = data.train_x[:2]
+    assert torch.allclose(aug.plain(x), (x.float() / 255 - 0.5) / 0.25)
+
+
+def test_full_crop_without_jitter_is_identity_resampling():
+    """With crop area 1 the affine grid must reproduce the image (up to flip): checks the geometry."""
+    data = fake_data(1)
+    aug = common.Augment(data, crop_min=1.0, strength=0.0, ratio=(1.0, 1.0))
+    x = data.train_x[:4]
+    out = aug(x) * 0.25 + 0.5
+    ref = x.float() / 255
+    for o, r in zip(out, ref):
+        assert torch.allclose(o, r, atol=1e-4) or torch.allclose(o, r.flip(-1), atol=1e-4)
+
+
+# --- encoders --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("encoder, norm", [("cnn", "bn"), ("cnn", "gnws"), ("resnet18", "bn"), ("resnet18", "gnws")])
+def test_encoders_output_their_dim(encoder, norm):
+    net = common.make_encoder(SimpleNamespace(encoder=encoder, norm=norm), 3)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, net.dim)
+    if norm == "gnws":
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        assert sum(isinstance(m, common.WSConv2d) for m in net.modules()) >= 3
+
+
+def test_weight_standardised_conv_equals_conv_with_standardised_weight():
+    conv = common.WSConv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 8, 8)
+    w = conv.weight
+    w_std = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True, unbiased=False) + 1e-5)
+    assert torch.allclose(conv(x), F.conv2d(x, w_std, padding=1), atol=1e-5)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def write_cifar10(folder, per_batch=20):
+    """Small CIFAR-10 python-version pickles in the real on-disk format."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+             b"labels": [i % 10 for i in range(per_batch)], b"batch_label": name.encode()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+
+
+def test_cifar10_loader_reads_the_pickled_format(tmp_path):
+    write_cifar10(tmp_path / "cifar-10-batches-py")
+    tx, ty, vx, vy, k = common.load_cifar("cifar10", tmp_path)
+    assert tx.shape == (100, 3, 32, 32) and tx.dtype == np.uint8 and vx.shape == (20, 3, 32, 32)
+    assert k == 10 and ty.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"][0]
+    assert np.array_equal(tx[0, 0].flatten(), raw[:1024])      # channel-major rows, as the format says
+
+
+def test_cifar100_loader_reads_fine_labels_from_the_archive(tmp_path):
+    import tarfile
+    src = tmp_path / "src" / "cifar-100-python"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 30), ("test", 10)):
+        with open(src / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}, f)
+    with tarfile.open(tmp_path / "cifar-100-python.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="cifar-100-python")
+    tx, ty, vx, vy, k = common.load_cifar("cifar100", tmp_path)
+    assert (tx.shape, k, ty.tolist()[-1], len(vy)) == ((30, 3, 32, 32), 100, 29, 10)
+
+
+def test_missing_cifar_says_where_to_put_it(tmp_path):
+    with pytest.raises(common.UserError, match=f"into {tmp_path}"):
+        common.load_cifar("cifar10", tmp_path)
+
+
+def test_bundled_fashion_mnist_verifies_and_matches_known_statistics():
+    tx, ty, vx, vy, k = common.load_fmnist(common.ROOT / "data" / "fashion-mnist")
+    assert tx.shape == (60000, 1, 28, 28) and vx.shape == (10000, 1, 28, 28)
+    assert np.bincount(ty).tolist() == [6000] * 10
+    assert tx.mean() / 255 == pytest.approx(0.2860, abs=1e-4)
+
+
+def test_corrupted_fashion_mnist_is_refused(tmp_path):
+    for name in common.FMNIST_SHA256:
+        (tmp_path / name).write_bytes(gzip.compress(b"not the file"))
+    with pytest.raises(common.UserError, match="SHA-256"):
+        common.load_fmnist(tmp_path)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def test_help_text_comes_from_field_docstrings_and_preset_yields_to_flags():
+    import fedavg_cl
+    docs = common._field_docs(fedavg_cl.Args)
+    assert docs["tau"].startswith("NT-Xent temperature") and "Dirichlet" in docs["alpha"]
+    a = common.parse_args(fedavg_cl.Args, ["--preset", "paper", "--rounds", "3"])
+    assert (a.dataset, a.encoder, a.rounds) == ("cifar10", "resnet18", 3)
+    assert common.parse_args(fedavg_cl.Args, []).dataset == "fmnist"
