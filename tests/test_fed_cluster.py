@@ -1,0 +1,255 @@
+"""fed_cluster.py: clustering metrics and losses against slow references, the two stages end to end."""
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import fed_cluster as fc
+from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script
+
+
+# ---------------------------------------------------------------------------------------------
+# Clustering metrics against independent slow references
+# ---------------------------------------------------------------------------------------------
+
+def relabel(y):
+    return [sorted(set(y)).index(v) for v in y]
+
+
+def acc_brute_force(y_true, y_pred):
+    """Best share over every one-to-one map of clusters onto classes (labels padded to one size)."""
+    t, p = relabel(list(y_true)), relabel(list(y_pred))
+    k = max(max(t), max(p)) + 1
+    return max(sum(perm[pi] == ti for ti, pi in zip(t, p)) for perm in itertools.permutations(range(k))) / len(t)
+
+
+def nmi_loops(y_true, y_pred):
+    n = len(y_true)
+    classes, clusters = sorted(set(y_true)), sorted(set(y_pred))
+    p_t = {a: sum(1 for y in y_true if y == a) / n for a in classes}
+    p_p = {b: sum(1 for y in y_pred if y == b) / n for b in clusters}
+    mi = 0.0
+    for a in classes:
+        for b in clusters:
+            p_ab = sum(1 for s, r in zip(y_true, y_pred) if s == a and r == b) / n
+            if p_ab > 0:
+                mi += p_ab * math.log(p_ab / (p_t[a] * p_p[b]))
+    h_t = -sum(p * math.log(p) for p in p_t.values())
+    h_p = -sum(p * math.log(p) for p in p_p.values())
+    return 1.0 if h_t == h_p == 0 else mi / ((h_t + h_p) / 2)
+
+
+def ari_pair_counting(y_true, y_pred):
+    """ARI from the 2x2 table of sample pairs (together / apart in each partition), looping over pairs."""
+    n11 = n10 = n01 = n00 = 0
+    for i in range(len(y_true)):
+        for j in range(i + 1, len(y_true)):
+            same_t, same_p = y_true[i] == y_true[j], y_pred[i] == y_pred[j]
+            n11 += same_t and same_p
+            n10 += same_t and not same_p
+            n01 += same_p and not same_t
+            n00 += not same_t and not same_p
+    den = (n00 + n01) * (n01 + n11) + (n00 + n10) * (n10 + n11)
+    return 1.0 if den == 0 else 2 * (n00 * n11 - n01 * n10) / den
+
+
+def test_hungarian_matches_brute_force_on_tied_integer_costs():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 7))
+        cost = rng.integers(-3, 4, (n, n)).astype(float)        # few values: many ties
+        col = fc.hungarian(cost)
+        best = min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+        assert sorted(col.tolist()) == list(range(n))
+        assert cost[np.arange(n), col].sum() == pytest.approx(best)
+
+
+def test_metrics_match_slow_references():
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        n, kt, kp = int(rng.integers(2, 30)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        y = rng.integers(0, kt, n) * 7 - 3                         # labels need not be 0..K-1
+        p = rng.integers(0, kp, n) + 100
+        assert fc.cluster_acc(y, p) == pytest.approx(acc_brute_force(y, p))
+        assert fc.nmi(y, p) == pytest.approx(nmi_loops(y.tolist(), p.tolist()))
+        assert fc.ari(y, p) == pytest.approx(ari_pair_counting(y.tolist(), p.tolist()))
+        assert all(type(f(y, p)) is float for f in (fc.cluster_acc, fc.nmi, fc.ari))
+
+
+def test_permuted_perfect_clustering_scores_one():
+    y = np.random.default_rng(2).integers(0, 10, 500)
+    p = np.random.default_rng(3).permutation(10)[y] + 20           # same partition, other names
+    assert fc.cluster_acc(y, p) == 1.0
+    assert fc.nmi(y, p) == pytest.approx(1.0)
+    assert fc.ari(y, p) == pytest.approx(1.0)
+
+
+def test_constant_clustering_scores_what_theory_says():
+    y = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    p = np.zeros_like(y)
+    assert fc.cluster_acc(y, p) == pytest.approx(0.5)              # the largest class share
+    assert fc.nmi(y, p) == 0.0
+    assert fc.ari(y, p) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_one_off_clustering_is_below_one_and_mismatched_lengths_fail():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([0, 0, 1, 1, 2, 1])
+    assert fc.cluster_acc(y, p) == pytest.approx(5 / 6)
+    assert fc.nmi(y, p) < 1 and fc.ari(y, p) < 1
+    with pytest.raises(ValueError):
+        fc.cluster_acc(y, p[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses against loop references
+# ---------------------------------------------------------------------------------------------
+
+def assignments(b, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.softmax(torch.randn(b, m, generator=g, dtype=torch.float64) * 2, dim=1)
+
+
+def entropy_gap_loops(p):
+    b, m = p.shape
+    usage = [sum(p[i, j].item() for i in range(b)) / b for j in range(m)]
+    return math.log(m) + sum(u * math.log(u) for u in usage)
+
+
+def test_contrastive_cluster_loss_matches_loop_reference():
+    p1, p2, tau_c = assignments(8, 4, 0), assignments(8, 4, 1), 1.0
+    cols = [p1[:, j] for j in range(4)] + [p2[:, j] for j in range(4)]   # 2M cluster "samples"
+    cos = lambda a, b: (a @ b / (a.norm() * b.norm())).item()
+    total = 0.0
+    for i in range(8):
+        pos = (i + 4) % 8
+        den = sum(math.exp(cos(cols[i], cols[k]) / tau_c) for k in range(8) if k != i)
+        total += -math.log(math.exp(cos(cols[i], cols[pos]) / tau_c) / den)
+    ref = total / 8 + entropy_gap_loops(p1) + entropy_gap_loops(p2)
+    assert fc.cluster_loss_contrastive(p1, p2, tau_c).item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_noncontrastive_cluster_loss_matches_loop_reference():
+    p1, p2 = assignments(6, 3, 2), assignments(6, 3, 3)
+    l1_t, l2_t, tau_t = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64), 0.5
+    ce = 0.0
+    for i in range(6):
+        for p, l_other in ((p1, l2_t), (p2, l1_t)):
+            z = sum(math.exp(l_other[i, j].item() / tau_t) for j in range(3))
+            ce -= sum(math.exp(l_other[i, j].item() / tau_t) / z * math.log(p[i, j].item()) for j in range(3))
+    ref = ce / 6 / 2 + entropy_gap_loops(p1) + entropy_gap_loops(p2)
+    assert fc.cluster_loss_noncontrastive(p1, p2, l1_t, l2_t, tau_t).item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_byol_loss_matches_loop_reference():
+    g = torch.Generator().manual_seed(4)
+    p1, p2, z1, z2 = (torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(4))
+    cos = lambda a, b: (a @ b / (a.norm() * b.norm())).item()
+    ref = sum((2 - 2 * cos(p1[i], z2[i])) + (2 - 2 * cos(p2[i], z1[i])) for i in range(5)) / 5
+    assert fc.byol_loss(p1, p2, z1, z2).item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_entropy_term_is_smallest_for_uniform_usage():
+    """log M - H(P): 0 when every cluster is used equally (H largest), log M when all samples pick one."""
+    m = 5
+    uniform = torch.eye(m, dtype=torch.float64).repeat(4, 1)           # 20 samples, each cluster 4 times
+    collapsed = torch.zeros(20, m, dtype=torch.float64)
+    collapsed[:, 2] = 1
+    assert fc.entropy_gap(uniform).item() == pytest.approx(0.0, abs=1e-12)
+    assert fc.entropy_gap(collapsed).item() == pytest.approx(math.log(m))
+    for seed in range(20):
+        p = assignments(20, m, seed)
+        assert fc.entropy_gap(p).item() == pytest.approx(entropy_gap_loops(p), rel=1e-9)
+        assert fc.entropy_gap(p).item() > fc.entropy_gap(uniform).item()
+
+
+def test_stage_split_and_claim_verdicts():
+    assert fc.Args(rounds=20).stage1_rounds == 10
+    assert fc.Args(rounds=5, cluster_rounds=2).stage1_rounds == 3
+    assert fc.Args(rounds=5, cluster_rounds=5).stage1_rounds == 0          # one-stage baseline
+
+    def row(s1_linear, acc, linear=0.5):
+        return {"stage1": {"knn_acc": 0.5, "linear_acc": s1_linear}, "knn_acc": 0.5, "linear_acc": linear,
+                "cluster_acc": acc, "nmi": 0.3, "ari": 0.2}
+    mean = {"N / C": row(0.70, 0.50), "C / C": row(0.60, 0.65), "N+C / C": row(0.75, 0.60),
+            "N / N": row(0.70, 0.40), "C / N": row(0.60, 0.45), "N+C / N": row(0.75, 0.42),
+            "one-stage C": {**row(0, 0.55, linear=0.4), "stage1": None}}
+    assert [ok for _, _, ok in fc.claims(mean)] == [True, True, True, True]
+    mean["C / C"] = row(0.80, 0.65)                                     # contrastive now best for FedSSRL
+    mean["N+C / N"] = row(0.75, 0.70)                                   # and not best for FedCl
+    assert [ok for _, _, ok in fc.claims(mean)] == [True, True, False, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: both stages, each --loss, resume, bad flags
+# ---------------------------------------------------------------------------------------------
+
+def assert_two_stage_summary(folder, rounds, stage1_rounds):
+    summary, metrics = assert_complete_run(folder, rounds)
+    assert [m["stage"] for m in metrics] == [1] * stage1_rounds + [2] * (rounds - stage1_rounds)
+    assert all("cluster_acc" in m and "nmi" in m and "ari" in m for m in metrics if m["stage"] == 2)
+    assert summary["stage2"] == {"knn_acc": summary["knn_acc"], "linear_acc": summary["linear_acc"]}
+    for key in ("cluster_acc", "nmi", "ari"):
+        assert -1 <= summary[key] <= 1 and summary[key] == metrics[-1][key]
+    assert 0.1 <= summary["cluster_acc"] <= 1        # never below the smallest possible (10 equal classes)
+    return summary, metrics
+
+
+@pytest.mark.parametrize("loss,extra,stage1_rounds", [
+    ("contrastive", ["--cluster-rounds", "2"], 0),                   # one-stage baseline
+    ("noncontrastive", [], 1),                                       # default split: half and half
+])
+def test_end_to_end(out, loss, extra, stage1_rounds):
+    proc, folder = run_script("fed_cluster.py", *TINY, "--loss", loss, *extra, out=out)
+    assert proc.returncode == 0, proc.stderr
+    summary, _ = assert_two_stage_summary(folder, 2, stage1_rounds)
+    assert summary["loss_kind"] == loss
+    if stage1_rounds == 0:
+        assert summary["stage1"] is None
+    else:
+        assert set(summary["stage1"]) == {"knn_acc", "linear_acc"}
+    assert "stage 1" in proc.stdout and "clustering (test set): ACC" in proc.stdout
+
+
+def test_resume_with_kept_targets_reproduces_the_uninterrupted_run(tmp_path):
+    flags = [*TINY, "--loss", "both", "--cluster-loss", "noncontrastive", "--keep-target", "true"]
+    proc, full = run_script("fed_cluster.py", *flags, "--cluster-rounds", "1", out=tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr
+    assert_two_stage_summary(full, 2, 1)
+    proc, part = run_script("fed_cluster.py", *flags, "--rounds", "1", "--cluster-rounds", "0", out=tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((part / "config.json").read_text())
+    cfg["args"].update(rounds=2, cluster_rounds=1)                    # "extend" the finished stage-1 run
+    (part / "config.json").write_text(json.dumps(cfg))
+    (part / "summary.json").unlink()
+    proc, _ = run_script("fed_cluster.py", "--resume", part, out=tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    (s_full, m_full, _), (s_part, m_part, _) = read_run(full), read_run(part)
+    keys = ("loss", "knn_acc", "stage", "cluster_loss", "cluster_acc", "nmi", "ari")
+    assert [[m.get(k) for k in keys] for m in m_part] == [[m.get(k) for k in keys] for m in m_full]
+    for key in ("stage1", "stage2", "cluster_acc", "nmi", "ari"):
+        assert s_part[key] == s_full[key]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--loss", "simclr"], "--loss"),
+    (["--sweep", "true", "--sweep-seeds", "0"], "--sweep-seeds"),     # the --sweep path checks too
+])
+def test_bad_flags_exit_2(out, flags, needle):
+    proc, _ = run_script("fed_cluster.py", *TINY, *flags, out=out)
+    assert_bad_input(proc, out, needle)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(rounds=2, cluster_rounds=3), "--cluster-rounds"), (dict(cluster_rounds=-2), "--cluster-rounds"),
+    (dict(tau_c=0.0), "--tau-c"), (dict(tau_t=-1.0), "--tau-t"), (dict(lambda_c=-0.5), "--lambda-c"),
+    (dict(momentum=1.0), "--momentum"), (dict(cluster_loss="byol"), "--cluster-loss"),
+])
+def test_bad_values_are_refused_by_check(kw, needle):
+    with pytest.raises(common.UserError, match=needle):
+        fc.Args(**kw).check()
