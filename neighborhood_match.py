@@ -1,0 +1,250 @@
+"""Feature fusion + neighborhood matching (FF + NM): CCL, the full method.
+
+Paper: Y. Wu, Z. Wang, D. Zeng, M. Li, Y. Shi, J. Hu, "Decentralized Unsupervised Learning of Visual
+Representations", IJCAI 2022, pp. 2326-2333, https://arxiv.org/abs/2111.10763 (collaborative
+contrastive learning, CCL). This file is feature_fusion.py plus CCL's second contribution,
+neighborhood matching (`diff feature_fusion.py neighborhood_match.py`). No official code is public, and only
+the abstract, introduction and overview figure of the paper could be read, so much here is ours:
+  [paper]  non-IID clients with few classes each suffer from false negatives (most "negatives" of a
+           2-class client share the query's class); one round = (1) every client uploads its model
+           AND features of its local data, (2) the server aggregates the models, (3) every client
+           downloads the aggregated model and the other clients' features ("remote features"),
+           (4) local learning that uses the remote features as extra negatives ("feature fusion")
+           and aligns each client's local features to the remote features so that the features
+           of all clients cluster well in one shared space ("neighborhood matching").
+  [readers' summaries of the paper]  the local learner is MoCo-style (momentum encoder + queue).
+  [reconstruction]  everything else: MoCo v2 details (m=0.99, tau=0.1, MLP head, asymmetric loss,
+           random unit-vector queue at start, no shuffle-BN); one local queue per client kept
+           across rounds; uploaded features = L2-normalised momentum-encoder projections of M random
+           local images, one augmented view each, computed in train mode at the END of local
+           training (FCL, the authors' predecessor, also shared momentum features); the server
+           keeps them for one round only; a client gets all other participants' features,
+           subsampled to --remote-bank rows; online AND momentum encoders restart from the global
+           weights every round; the loss L_FF below; FedAvg weighted by sample counts.
+  [reconstruction]  the NM loss: DANCE-style soft neighbourhood entropy (Saito et al., NeurIPS 2020),
+           L_NM = -(1/B) sum_i sum_j p_ij log p_ij with p_ij = softmax_j(q_i . n_j / tau_nm) over the
+           neighbour set N = Q_r (--nm-local adds Q_l); minimising it makes every local feature
+           commit to a few nearby remote features. L = L_FF + lambda L_NM, lambda = 0.1,
+           tau_nm = 0.05, NM off for the first 10% of rounds (early features are near random).
+           Not implemented: the spec's alternative (top-k remote neighbours of the key as positives).
+  [reconstruction]  --preset paper: CIFAR-10 and IID are the paper's headline setting (linear probe
+           88.90); ResNet-18, 5 clients, 100 rounds x 5 epochs, SGD 0.06, batch 256 and the bank
+           sizes are our guesses.
+Our loop reads (download, train, upload, aggregate): features uploaded in round r are used in r+1,
+which is the paper's (upload, aggregate, download, train) order seen from the client.
+Privacy: raw images never leave a client, but its features do (the paper mentions computing the
+shared features on mixed images; not done here). Labels are used for one diagnostic only: the
+false-negative ratio (share of a query's negatives with its class), logged on evaluation rounds
+with the local queue only (fn_ratio_local) and with the remote bank added (fn_ratio_fused).
+
+Run:      python neighborhood_match.py                   (10 clients, 2 classes each, Fashion-MNIST)
+          python neighborhood_match.py --nm-weight 0     (NM off: feature_fusion.py)
+          python neighborhood_match.py --preset paper    (CIFAR-10, ResNet-18; for a GPU)
+Expected: fn_ratio as in feature_fusion.py; loss_nm (the entropy, logged every round) falls once NM
+is on; see the README's table for FF + NM vs FF and FedAvg + MoCo.
+"""
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args(common.RunArgs):
+    tau: float = 0.1
+    """temperature of L_FF (MoCo v2's)"""
+    momentum: float = 0.99
+    """m of the momentum encoder: xi <- m xi + (1 - m) theta"""
+    proj_dim: int = 128
+    """output size of the projection head (the space of keys, queue and remote features)"""
+    queue_size: int = 1024
+    """K = |Q_l|: keys in each client's local queue (kept across rounds)"""
+    remote_features: int = 256
+    """M: features each client uploads per round (0 = no fusion, i.e. FedAvg + MoCo)"""
+    remote_bank: int = 1024
+    """|Q_r|: rows of the other clients' features a client downloads (0 = all of them)"""
+    weighted: bool = True
+    """FedAvg weights clients by their number of images (false: unweighted mean)"""
+    nm_weight: float = 0.1
+    """lambda in L = L_FF + lambda L_NM (0 = no neighborhood matching)"""
+    tau_nm: float = 0.05
+    """temperature of the neighbourhood softmax p_ij"""
+    nm_warmup: float = 0.1
+    """NM is off for this fraction of the rounds (early features are near random)"""
+    nm_local: bool = False
+    """the neighbour set N also contains the local queue Q_l (default: Q_r only)"""
+
+    PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="iid",
+                                 rounds=100, local_epochs=5, batch_size=256, optimizer="sgd", lr=0.06,
+                                 weight_decay=5e-4, train_size=0, eval_every=10, probe_epochs=100,
+                                 queue_size=4096, remote_features=1024, remote_bank=4096,
+                                 nm_weight=0.1, tau_nm=0.05, nm_warmup=0.1)
+
+    def check(self):
+        super().check()
+        if self.tau <= 0:
+            common.fail(f"--tau must be > 0 (got {self.tau})")
+        if not 0 <= self.momentum < 1:
+            common.fail(f"--momentum must be in [0, 1) (got {self.momentum})")
+        if self.queue_size < 1 or self.proj_dim < 1:
+            common.fail(f"--queue-size and --proj-dim must be at least 1 (got {self.queue_size}, {self.proj_dim})")
+        if self.remote_features < 0 or self.remote_bank < 0:
+            common.fail(f"--remote-features and --remote-bank must be >= 0 "
+                        f"(got {self.remote_features}, {self.remote_bank})")
+        if self.nm_weight < 0 or self.tau_nm <= 0:
+            common.fail(f"--nm-weight must be >= 0 and --tau-nm > 0 (got {self.nm_weight}, {self.tau_nm})")
+        if not 0 <= self.nm_warmup <= 1:
+            common.fail(f"--nm-warmup must be in [0, 1] (got {self.nm_warmup})")
+
+
+class MoCo(nn.Module):
+    """Encoder f and projection head g: z = g(f(x)); the momentum encoder is a copy of this."""
+
+    def __init__(self, encoder: nn.Module, proj_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = common.mlp([encoder.dim, encoder.dim, proj_dim])
+
+    def forward(self, x):
+        return self.projector(self.encoder(x))
+
+
+def ff_loss(q, k, local_queue, remote_feats, tau):
+    """Feature fusion: InfoNCE whose negatives are the local queue AND the remote features."""
+    q, k = F.normalize(q, dim=1), F.normalize(k.detach(), dim=1)
+    negatives = [local_queue.detach()]
+    if remote_feats is not None and len(remote_feats) > 0:
+        negatives.append(remote_feats.detach())
+    logits = torch.cat([(q * k).sum(1, keepdim=True)] + [q @ n.t() for n in negatives], dim=1) / tau
+    # L_FF = -log( e^{q.k+/tau} / (e^{q.k+/tau} + sum_{n in Q_l} e^{q.n/tau} + sum_{r in Q_r} e^{q.r/tau}) )
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def nm_loss(q, neighbours, tau_nm):
+    """Neighborhood matching: entropy of each query's soft assignment to the (normalised) neighbours."""
+    if neighbours is None or len(neighbours) == 0:
+        return torch.zeros((), device=q.device)
+    log_p = F.log_softmax(F.normalize(q, dim=1) @ neighbours.detach().t() / tau_nm, dim=1)
+    return -(log_p.exp() * log_p).sum(1).mean()   # L_NM = -(1/B) sum_i sum_j p_ij log p_ij
+
+
+@torch.no_grad()
+def enqueue(queue, ptr, keys):
+    """MoCo's FIFO ring buffer: write keys into queue rows ptr, ptr+1, ... (wrapping); return the new ptr."""
+    size, b = len(queue), len(keys)
+    i = torch.arange(max(0, b - size), b, device=queue.device)   # if b > size only the last `size` survive
+    queue[(ptr + i) % size] = keys.detach()[i].to(queue.dtype)
+    return (ptr + b) % size
+
+
+def remote_rows(counts, m, c, size):
+    """Step 3: flat row indices (client * m + row) of the features the OTHER clients uploaded last
+    round, a random subset of `size` of them (0 = all). counts[j] = rows client j uploaded (<= m)."""
+    valid = torch.arange(m, device=counts.device)[None, :] < counts[:, None]
+    valid[c] = False                                  # a client never receives its own features
+    rows = valid.flatten().nonzero().squeeze(1)
+    if size and len(rows) > size:
+        rows = rows[torch.randperm(len(rows), device=rows.device)[:size]]
+    return rows
+
+
+def local_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args, lam):
+    """Step 4: E epochs of MoCo with feature fusion and neighborhood matching (weight lam) on one
+    client; returns (mean loss, mean L_NM, images, ptr)."""
+    opt = common.make_optimizer(model.parameters(), args)
+    loss_sum, nm_sum, steps, images = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0, 0
+    for _ in range(args.local_epochs):
+        for b in run.batches(idx):
+            v1, v2 = run.two_views(b)
+            q = model(v1)                                        # queries: online encoder theta
+            with torch.no_grad():
+                common.ema_update(key_enc, model, args.momentum)  # xi <- m xi + (1 - m) theta
+                k = F.normalize(key_enc(v2), dim=1)               # positive keys k+: momentum encoder xi
+            neighbours = remote_feats if not args.nm_local else torch.cat([remote_feats, queue])
+            l_nm = nm_loss(q, neighbours, args.tau_nm)            # L_NM
+            loss = ff_loss(q, k, queue, remote_feats, args.tau) + lam * l_nm   # L = L_FF + lambda L_NM
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            enqueue(queue_y, ptr, run.data.train_y[b])          # diagnostic only: the keys' labels
+            ptr = enqueue(queue, ptr, k)                         # local keys only: never remote ones
+            loss_sum, nm_sum = loss_sum + loss.detach(), nm_sum + l_nm.detach()
+            steps, images = steps + 1, images + 2 * len(b)
+    return loss_sum / max(steps, 1), nm_sum / max(steps, 1), images, ptr
+
+
+@torch.no_grad()
+def upload_features(key_enc, run, idx, m):
+    """Step 1: L2-normalised momentum projections of m random local images (one augmented view each)."""
+    pick = idx[torch.randperm(len(idx), device=idx.device)[:m]]
+    if len(pick) < 2:                                     # BatchNorm needs two images: share nothing
+        return None, pick[:0]
+    return F.normalize(key_enc(run.augment(run.data.train_x[pick])), dim=1), pick
+
+
+def fn_ratio(query_y, queue_y, remote_y, num_classes):
+    """Diagnostic (labels used only here): the mean share of a query's negatives that have its class,
+    over the client's images as queries; (local queue only, local queue + remote bank)."""
+    p = torch.bincount(query_y, minlength=num_classes).float() / len(query_y)
+    in_queue = torch.bincount(queue_y[queue_y >= 0], minlength=num_classes).float()   # -1: initial random rows
+    in_remote = torch.bincount(remote_y, minlength=num_classes).float()
+    return (p * in_queue).sum() / len(queue_y), (p * (in_queue + in_remote)).sum() / (len(queue_y) + len(remote_y))
+
+
+def main():
+    args, run = common.start(Args)
+    model = MoCo(common.make_encoder(args, run.data.channels), args.proj_dim).to(run.device)
+    worker, key_enc = copy.deepcopy(model), copy.deepcopy(model)   # re-loaded for every client
+    n, d, dev = args.clients, args.proj_dim, run.device
+    queues = F.normalize(torch.randn(n, args.queue_size, d, device=dev), dim=2)   # MoCo starts from noise
+    queue_y = torch.full((n, args.queue_size), -1, dtype=torch.long, device=dev)
+    ptrs = torch.zeros(n, dtype=torch.long)
+    feats = torch.zeros(n, args.remote_features, d, device=dev)     # the server's copy of the uploads
+    feat_y = torch.full((n, args.remote_features), -1, dtype=torch.long, device=dev)
+    counts = torch.zeros(n, dtype=torch.long, device=dev)           # rows uploaded last round (0: none)
+    state = dict(model=model, queues=queues, queue_y=queue_y, ptrs=ptrs, feats=feats, feat_y=feat_y, counts=counts)
+    model_bytes = common.state_bytes(model)
+    for rnd in run.rounds(state):
+        picked = run.sample_clients()
+        new_feats, new_y, new_counts = torch.zeros_like(feats), torch.full_like(feat_y, -1), torch.zeros_like(counts)
+        states, losses, nms, images, fn, down_rows = [], [], [], 0, [], 0
+        lam = args.nm_weight if rnd > args.nm_warmup * args.rounds else 0.0   # NM after the warm-up
+        for c in picked:                                          # clients train in turn
+            worker.load_state_dict(model.state_dict())            # step 3: download the global model
+            key_enc.load_state_dict(model.state_dict())           #   (online and momentum encoder)
+            rows = remote_rows(counts, args.remote_features, c, args.remote_bank)       # step 3: download the remote features
+            remote_feats = feats.flatten(0, 1)[rows]
+            loss, nm, imgs, ptr = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]),
+                                               remote_feats, run, run.clients[c], args, lam)
+            ptrs[c] = ptr
+            z, pick = upload_features(key_enc, run, run.clients[c], args.remote_features)   # step 1
+            if z is not None:
+                new_feats[c, :len(z)], new_y[c, :len(z)], new_counts[c] = z, run.data.train_y[pick], len(z)
+            states.append({k: v.clone() for k, v in worker.state_dict().items()})       # step 1: model
+            losses.append(loss), nms.append(nm)
+            images, down_rows = images + imgs, down_rows + len(rows)
+            if run.is_eval_round(rnd):
+                fn.append(fn_ratio(run.data.train_y[run.clients[c]], queue_y[c],
+                                   feat_y.flatten()[rows], run.data.num_classes))
+        weights = run.sizes[picked] if args.weighted else None
+        model.load_state_dict(common.fedavg(states, weights))     # step 2: the server, FedAvg
+        feats.copy_(new_feats), feat_y.copy_(new_y), counts.copy_(new_counts)   # kept for one round
+        comm = dict(model_bytes_up=model_bytes, model_bytes_down=model_bytes,   # per client, this round
+                    feature_bytes_up=new_counts[picked].sum() * d * feats.element_size() / len(picked),
+                    feature_bytes_down=down_rows * d * feats.element_size() / len(picked))
+        if fn:
+            comm.update(fn_ratio_local=torch.stack([f[0] for f in fn]).mean(),
+                        fn_ratio_fused=torch.stack([f[1] for f in fn]).mean())
+        run.log(rnd, loss=torch.stack(losses).mean(), images=images, encoder=model.encoder,
+                loss_nm=torch.stack(nms).mean(), nm_weight=lam, **comm)
+    last = run.history[-1]
+    run.finish(model.encoder, **{k: v for k, v in last.items() if k.startswith("fn_ratio") or "bytes" in k})
+
+
+if __name__ == "__main__":
+    main()
