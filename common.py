@@ -56,6 +56,8 @@ class RunArgs:
     """where datasets live (CIFAR: cifar-10-batches-py/ or the python-version .tar.gz inside it)"""
     encoder: str = "cnn"
     """cnn (small, fast on a CPU) | resnet18 (CIFAR stem)"""
+    width: int = 32
+    """width w of the cnn encoder (channels w, 2w, 4w; the representation has 4w dimensions)"""
     norm: str = "bn"
     """normalisation layers: bn (BatchNorm) | gn (GroupNorm) | gnws (GroupNorm + weight standardisation)"""
     clients: int = 10
@@ -117,7 +119,7 @@ class RunArgs:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
-        for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "classes_per_client"):
+        for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "classes_per_client", "width"):
             if getattr(self, name) < 1:
                 fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         for name in ("train_size", "test_size", "holdout", "probe_epochs", "min_client_size"):
@@ -539,7 +541,7 @@ def make_encoder(args: RunArgs, channels: int) -> nn.Module:
     """The representation network f (no head); `.dim` is its output size."""
     if args.encoder == "resnet18":
         return resnet18(channels, args.norm)
-    return SmallCNN(channels, args.norm)
+    return SmallCNN(channels, args.norm, getattr(args, "width", 32))
 
 
 def mlp(dims: list[int], bn: bool = True, last_bn: bool = False) -> nn.Sequential:
