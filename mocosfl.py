@@ -1,0 +1,351 @@
+"""MocoSFL: split federated learning + MoCo, with up to 1000 clients on one machine.
+
+Paper: J. Li, L. Lyu, D. Iso, C. Chakrabarti, M. Spranger, "MocoSFL: enabling cross-client
+collaborative self-supervised learning", ICLR 2023, https://openreview.net/forum?id=2QGJXyMNoPz
+Official code: https://github.com/SonyResearch/MocoSFL ([code] below; [paper] = the paper's text).
+
+The backbone is cut after `--cut-layer` units. Each client holds only the tiny part before the cut
+(C_i) and its momentum copy (Cbar_i); the server holds the rest plus the projection head (S) and its
+momentum copy (Sbar). One step, for all clients of this round's pool:
+  1. client i: h_q = C_i(x_q) (graph kept), Cbar_i <- m Cbar_i + (1-m) C_i, h_k = Cbar_i(x_k)   [code]
+  2. server: H_q = cat_i h_q, H_k = cat_i h_k (latent-vector concatenation)                   [paper]
+     Sbar <- m Sbar + (1-m) S; L = InfoNCE(S(H_q), Sbar(H_k), queue) + InfoNCE(S(H_k), Sbar(H_q), queue),
+     one shared queue of keys from all clients (feature sharing), one SGD step                [paper, code]
+  3. client i receives its slice of dL/dH_q (only the first term reaches it), back-propagates and
+     steps its own SGD optimizer (momentum 0.9, weight decay; its buffer persists)           [code]
+  4. every `--sync-every` steps and at the end of the round: the unweighted mean of the pool's ONLINE
+     client models is loaded into every client (frequent synchronisation). Momentum models are not
+     averaged [code]; `--sync-momentum true` averages them too (MonAcoSFL's fix)              [code, later paper]
+A round is one epoch: every pool client passes `--local-epochs` times over its data. Pool, batch and
+epochs follow the code's auto-adjust rule: all clients if fewer than 200 (else a pool of 100), B = 100 //
+pool images per client (at least 1), so the server batch is about 100; with sampling the number of epochs
+is multiplied by clients/pool, so the data seen stays `--passes` passes.                     [code]
+Network [code]: GroupNorm (4 channels per group) + weight standardisation everywhere (clients train on
+micro-batches of one image); `--preset paper` = ResNet-18 (CIFAR stem), units [stem, 8 basic blocks]:
+cut 1 = MocoSFL-1 (1,856 client parameters), cut 2 = MocoSFL-3 (75,840: stem + first block, 3 convs);
+head Linear(512,1024) ReLU Linear(1024,1024), queue 6000, tau 0.1, m 0.99, SGD 0.06 cosine, wd 5e-4.
+[reconstruction] The CPU default is the small CNN (3 conv blocks = 3 units) with a 128-wide head; a
+round's steps = local_epochs x (mean pool-client size // B), each client drawing from its own fresh
+shuffled stream (wrapping around if it holds fewer images); sync points every `--sync-every` steps
+(the code spaces ~10 per epoch, which is every 50 steps in all the paper's CIFAR settings); the lr is
+set per round by the cosine rule (no scheduler state). Out of scope: TAResSFL (the paper's privacy
+extension: a frozen, inversion-resistant client model with a bottleneck) and the model-inversion attack.
+
+How 1000 clients stay practical: the pool's client weights are STACKED tensors (one leading client
+dimension) and one step runs `vmap(functional_call(C, w_i, x_i))` over that dimension. vmap computes
+exactly what `for i in pool: h[i] = C(w[i], x[i])` computes (a convolution with per-client weights
+becomes one grouped convolution with a group per client); row i of the output depends only on row i of
+the weights, so back-propagating the server's gradient puts client i's own gradient in row i, and the
+SGD update, being elementwise, applied to the stacked tensors is each client's own optimizer step.
+The test file checks this against N separate per-client models and optimizers.
+
+Logged: communication per client, mean over all clients in MiB (weights sent at syncs, one direction
+as the paper counts it, the download is as large; smashed activations h_q and h_k sent; gradients
+received), and the memory a client needs for one step (weights, gradient, SGD buffer, momentum model,
+the activations autograd keeps, and h_q, h_k, dL/dh_q), measured with saved-tensor hooks.
+
+Run:      python mocosfl.py --clients 1000 --partition classes --classes-per-client 2   (CPU, minutes)
+          python mocosfl.py --clients 5                         (5 clients, 20 images each per step)
+          python mocosfl.py --preset paper                      (CIFAR-10 ResNet-18, 1000 clients, 200
+                                                                 passes = 2000 rounds; for a GPU)
+Speed:    train_images_per_s(clients, images, device) below (for benchmark.py).
+Expected: kNN clearly above the random encoder's; paper (linear probe, CIFAR-10, 1000 clients,
+non-IID): 86.5 (MocoSFL-1), 84.8 (MocoSFL-3).
+"""
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+import common
+
+UNITS = {"cnn": 3, "resnet18": 9}   # cut units of each backbone
+
+
+@dataclass
+class Args(common.RunArgs):
+    norm: str = "gnws"
+    """gnws (GroupNorm + weight standardisation, the paper's) | gn; BatchNorm is refused"""
+    participation: float = 0.0
+    """fraction of clients in a round's pool; 0 = the code's rule: all if fewer than 200, else 100 clients"""
+    batch_size: int = 0
+    """images per client per step; 0 = the code's rule: 100 // pool size, at least 1"""
+    rounds: int = 0
+    """rounds (epochs of the pool); 0 = --passes x clients / pool (the code's scaling)"""
+    passes: int = 10
+    """training budget when --rounds 0: passes over the training data (the paper: 200)"""
+    lr: float = 0.06
+    """SGD learning rate of server and clients (cosine decay over the rounds)"""
+    optimizer: str = "sgd"
+    """sgd (momentum 0.9) for server and clients; adam is refused"""
+    weight_decay: float = 5e-4
+    """weight decay of server and clients"""
+    cut_layer: int = 1
+    """units on the client: cnn has 3 units (blocks), resnet18 has 9 (stem, 8 blocks); 1 = MocoSFL-1, 2 = MocoSFL-3"""
+    sync_every: int = 50
+    """average the pool's client models every this many steps (and at the end of every round)"""
+    sync_momentum: bool = False
+    """also average the client momentum models at syncs (MonAcoSFL); the MocoSFL code does not"""
+    tau: float = 0.1
+    """InfoNCE temperature"""
+    m: float = 0.99
+    """momentum of the EMA key encoders (client Cbar_i and server Sbar)"""
+    queue_size: int = 6000
+    """keys in the shared MoCo queue (K)"""
+    proj_dim: int = 128
+    """width of the projection head's hidden and output layer (the paper: 1024)"""
+
+    PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=1000, partition="classes",
+                                 classes_per_client=2, passes=200, proj_dim=1024, train_size=0,
+                                 eval_every=50, probe_epochs=100)
+
+    def check(self):
+        if self.norm == "bn":
+            common.fail("--norm bn: MocoSFL clients train on micro-batches (often one image); use gnws or gn")
+        if self.optimizer != "sgd":
+            common.fail(f"--optimizer {self.optimizer}: mocosfl trains server and clients with SGD + momentum (sgd)")
+        units = UNITS.get(self.encoder, 0)
+        if units and not 1 <= self.cut_layer <= units - 1:
+            common.fail(f"--cut-layer must be between 1 and {units - 1} for --encoder {self.encoder} "
+                        f"({units} units; the server needs at least one) (got {self.cut_layer})")
+        for name in ("sync_every", "queue_size", "proj_dim", "passes"):
+            if getattr(self, name) < 1:
+                common.fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if not 0 <= self.m < 1:
+            common.fail(f"--m must be in [0, 1) (got {self.m})")
+        if self.tau <= 0:
+            common.fail(f"--tau must be > 0 (got {self.tau})")
+        if self.participation == 0:   # the code's auto-adjust rule
+            self.participation = 1.0 if self.clients < 200 else 1 / (self.clients // 100)
+        if not 0 < self.participation <= 1:
+            common.fail(f"--participation must be in (0, 1], or 0 for the code's rule (got {self.participation})")
+        if self.clients >= 1:
+            pool = max(1, round(self.participation * self.clients))
+            self.batch_size = self.batch_size or max(1, 100 // pool)
+            self.rounds = self.rounds or max(1, round(self.passes / self.participation))
+        super().check()
+
+
+def split_network(args: Args, channels: int):
+    """(client part, server trunk): the backbone cut after args.cut_layer units; trunk ends in a vector."""
+    enc = common.make_encoder(args, channels)
+    if args.encoder == "resnet18":
+        units = [nn.Sequential(enc.conv1, enc.bn1, enc.relu)]
+        units += [b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer]
+        units.append(nn.Sequential(enc.avgpool, nn.Flatten()))        # pooling stays on the server
+    else:
+        units = [enc.net[0:4], enc.net[4:8], enc.net[8:]]
+    trunk = nn.Sequential(*units[args.cut_layer:])
+    trunk.dim = enc.dim
+    return nn.Sequential(*units[:args.cut_layer]), trunk
+
+
+class Server(nn.Module):
+    """S: the backbone after the cut, then the projection head Linear-ReLU-Linear (no BatchNorm)."""
+
+    def __init__(self, trunk: nn.Module, proj_dim: int):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Sequential(nn.Linear(trunk.dim, proj_dim), nn.ReLU(inplace=True), nn.Linear(proj_dim, proj_dim))
+
+    def forward(self, h):
+        return self.head(self.trunk(h))
+
+
+def client_forward(client: nn.Module, w: dict, x: torch.Tensor) -> torch.Tensor:
+    """h[i] = C(w[i], x[i]) for every client i of the pool at once: w holds (P, ...) stacked weights,
+    x is P x B x C x H x W; the result is P x B x (smashed data shape)."""
+    return vmap(lambda wi, xi: functional_call(client, wi, (xi,)))(w, x)
+
+
+def server_step(server, server_m, queue, H_q, H_k, tau):
+    """Symmetric MoCo loss on the concatenated smashed data; returns (L, keys to enqueue).
+    Server batches need no per-client care: GroupNorm normalises each image on its own."""
+    with torch.no_grad():
+        k1, k2 = F.normalize(server_m(torch.cat([H_q, H_k])), dim=1).chunk(2)   # Sbar(H_q), Sbar(H_k)
+    q1, q2 = server(torch.cat([H_q, H_k])).chunk(2)                               # S(H_q), S(H_k)
+    loss = common.info_nce(q1, k2, queue, tau) + common.info_nce(q2, k1, queue, tau)   # L = L12 + L21
+    return loss, torch.cat([k1, k2])
+
+
+@torch.no_grad()
+def sgd_step(w: dict, buf: dict, lr: float, wd: float, momentum: float = 0.9):
+    """torch.optim.SGD (momentum, weight decay, no dampening) on the stacked weights of the pool. Each
+    operation is elementwise, so row i evolves exactly as client i's own optimizer would."""
+    for k, p in w.items():
+        d_p = p.grad.add(p, alpha=wd)                 # d_p = g + wd * w
+        buf[k].mul_(momentum).add_(d_p)               # b = mu * b + d_p (b starts at 0, so step 1 gives b = d_p)
+        p.add_(buf[k], alpha=-lr)                     # w = w - lr * b
+        p.grad = None
+
+
+@torch.no_grad()
+def sync(w: dict, w_m: dict, with_momentum: bool):
+    """Frequent synchronisation: every pool client receives the unweighted mean of the pool's online
+    client models (and of their momentum models with --sync-momentum)."""
+    for models in ([w, w_m] if with_momentum else [w]):
+        for v in models.values():
+            v.copy_(v.mean(0, keepdim=True).expand_as(v))
+
+
+def train_step(st: dict, pool: dict, x_q, x_k, lr: float, args: Args):
+    """One MocoSFL step for the whole pool (steps 1-3 of the docstring); returns the loss tensor."""
+    client, server, server_m = st["client"], st["server"], st["server_m"]
+    w, w_m = pool["w"], pool["w_m"]
+    h_q = client_forward(client, w, x_q)                                    # 1. h_q = C_i(x_q), graph kept
+    with torch.no_grad():
+        for k in w_m:
+            w_m[k].mul_(args.m).add_(w[k], alpha=1 - args.m)                # Cbar_i <- m Cbar_i + (1-m) C_i
+        h_k = client_forward(client, w_m, x_k)                              # h_k = Cbar_i(x_k)
+    H_q = h_q.detach().flatten(0, 1).requires_grad_()                       # 2. latent-vector concatenation
+    H_k = h_k.flatten(0, 1)
+    common.ema_update(server_m, server, args.m)                             # Sbar <- m Sbar + (1-m) S
+    loss, keys = server_step(server, server_m, st["queue"], H_q, H_k, args.tau)
+    st["server_opt"].zero_grad(set_to_none=True)
+    st["server_opt"].param_groups[0]["lr"] = lr
+    loss.backward()
+    st["server_opt"].step()
+    enqueue(st, keys)                                                       # after the logits: FIFO
+    h_q.backward(H_q.grad.view_as(h_q))                                     # 3. client i gets dL/dh_q[i]
+    sgd_step(w, pool["buf"], lr, args.weight_decay)
+    return loss.detach()
+
+
+@torch.no_grad()
+def enqueue(st: dict, keys: torch.Tensor):
+    """Write the newest keys over the oldest (FIFO ring buffer)."""
+    queue = st["queue"]
+    keys = keys[-len(queue):]
+    ptr = st["meta"]["queue_ptr"]
+    queue[(ptr + torch.arange(len(keys), device=queue.device)) % len(queue)] = keys
+    st["meta"]["queue_ptr"] = (ptr + len(keys)) % len(queue)
+
+
+def pool_stream(clients: list, pool: list, length: int) -> torch.Tensor:
+    """P x length image indices: each pool client's own images in fresh random orders, repeated as needed."""
+    rows = []
+    for c in pool:
+        idx = clients[c]
+        orders = [idx[torch.randperm(len(idx), device=idx.device)] for _ in range(-(-length // len(idx)))]
+        rows.append(torch.cat(orders)[:length])
+    return torch.stack(rows)
+
+
+def client_step_bytes(client: nn.Module, x: torch.Tensor) -> int:
+    """Memory of one client's step: 4 copies of its weights (online, gradient, SGD buffer, momentum
+    model), the tensors autograd saves for backward, and h_q, h_k, dL/dh_q."""
+    params = {p.untyped_storage().data_ptr() for p in client.parameters()}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = client(x)
+    return 4 * common.state_bytes(client) + sum(saved.values()) + 3 * h.numel() * h.element_size()
+
+
+def init_state(args: Args, channels: int, device) -> dict:
+    """Everything that evolves across rounds: the client model (all online client models are equal
+    after the end-of-round sync, so one copy), per-client momentum models and SGD buffers as stacked
+    (N, ...) tensors, server S and Sbar, the server optimizer, the queue and counters."""
+    client, trunk = split_network(args, channels)
+    client, server = client.to(device), Server(trunk, args.proj_dim).to(device)
+    stacked = {k: p.detach().expand(args.clients, *p.shape).clone() for k, p in client.named_parameters()}
+    return dict(client=client, client_m=stacked, client_buf={k: torch.zeros_like(v) for k, v in stacked.items()},
+                server=server, server_m=copy.deepcopy(server).requires_grad_(False),
+                server_opt=torch.optim.SGD(server.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay),
+                queue=F.normalize(torch.randn(args.queue_size, args.proj_dim, device=device), dim=1),
+                meta=dict(queue_ptr=0, weights_bytes=0, smashed_bytes=0, grads_bytes=0))
+
+
+def run_round(st, run_clients, pool, steps, lr, args, two_views):
+    """One epoch of the pool: download, `steps` vectorised steps with syncs, write back; returns (loss, views)."""
+    B, P, ids = args.batch_size, len(pool), torch.tensor(pool, device=st["queue"].device)
+    pool_st = {"w": {k: p.detach().expand(P, *p.shape).clone().requires_grad_() for k, p in st["client"].named_parameters()},
+               "w_m": {k: v[ids] for k, v in st["client_m"].items()}, "buf": {k: v[ids] for k, v in st["client_buf"].items()}}
+    stream = pool_stream(run_clients, pool, steps * B)
+    loss_sum, meta = torch.zeros((), device=ids.device), st["meta"]
+    weight_bytes = common.state_bytes(st["client"]) * (2 if args.sync_momentum else 1)
+    for t in range(steps):
+        x_q, x_k = (v.view(P, B, *v.shape[1:]) for v in two_views(stream[:, t * B:(t + 1) * B].reshape(-1)))
+        loss_sum += train_step(st, pool_st, x_q, x_k, lr, args)
+        if (t + 1) % args.sync_every == 0 or t == steps - 1:
+            sync(pool_st["w"], pool_st["w_m"], args.sync_momentum)
+            meta["weights_bytes"] += P * weight_bytes
+    with torch.no_grad():
+        per_image = st["client"](x_q[0, :1]).numel() * 4                          # fp32 smashed data of one image
+    meta["smashed_bytes"] += 2 * per_image * P * B * steps                       # h_q and h_k up
+    meta["grads_bytes"] += per_image * P * B * steps                             # dL/dh_q down
+    with torch.no_grad():                  # the last sync loaded the mean into every client: keep one copy
+        for k, p in st["client"].named_parameters():
+            p.copy_(pool_st["w"][k][0])
+        for k in st["client_m"]:
+            st["client_m"][k][ids] = pool_st["w_m"][k]
+            if args.sync_momentum:
+                st["client_m"][k].copy_(pool_st["w_m"][k][:1].expand_as(st["client_m"][k]))
+            st["client_buf"][k][ids] = pool_st["buf"][k]
+    return loss_sum / steps, 2 * P * B * steps
+
+
+def main():
+    args, run = common.start(Args)
+    st = init_state(args, run.data.channels, run.device)
+    encoder = nn.Sequential(st["client"], st["server"].trunk)      # the unsplit backbone, for evaluation
+    mib = lambda key: st["meta"][key] / args.clients / 2 ** 20    # mean over all clients
+    first = run.data.train_x[run.clients[0][:args.batch_size]]
+    step_mib = client_step_bytes(st["client"], run.augment(first)) / 2 ** 20
+    print(f"client model: {sum(p.numel() for p in st['client'].parameters())} parameters; "
+          f"client step memory {step_mib:.2f} MiB; pool {max(1, round(args.participation * args.clients))}, "
+          f"batch {args.batch_size} per client, {args.rounds} rounds", flush=True)
+    for rnd in run.rounds(st):
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * (rnd - 1) / args.rounds))     # cosine decay per epoch
+        pool = run.sample_clients()
+        size = int(run.sizes[pool].mean())
+        steps = max(1, args.local_epochs * size // args.batch_size)
+        loss, views = run_round(st, run.clients, pool, steps, lr, args, run.two_views)
+        run.log(rnd, loss=loss, images=views, encoder=encoder, pool=len(pool), steps=steps, lr=lr,
+                comm_weights_mib=mib("weights_bytes"), comm_smashed_mib=mib("smashed_bytes"),
+                comm_grads_mib=mib("grads_bytes"))
+    run.finish(encoder, client_params=sum(p.numel() for p in st["client"].parameters()), client_step_mib=step_mib,
+               comm_weights_mib=mib("weights_bytes"), comm_smashed_mib=mib("smashed_bytes"),
+               comm_grads_mib=mib("grads_bytes"))
+
+
+def train_images_per_s(clients: int, images: int, device="cpu", **flags) -> float:
+    """Training views/s (two per image) of MocoSFL with `clients` clients processing `images` images
+    (rounded down to whole server batches), pool and batch by the code's rule, random Fashion-MNIST-sized
+    pixels, augmentation included; one untimed warm-up step. For benchmark.py."""
+    args = Args(clients=clients, device=str(device), **flags)
+    args.check()
+    device = torch.device(device)
+    x = torch.randint(0, 256, (max(images, clients), 1, 28, 28), dtype=torch.uint8, device=device)
+    data = common.Data(x, torch.zeros(len(x), dtype=torch.long, device=device), x[:1], x[:1, 0, 0, 0].long(),
+                       10, *common.STATS["fmnist"])
+    augment = common.Augment(data)
+    run_clients = list(torch.arange(len(x), device=device).chunk(clients))
+    st = init_state(args, 1, device)
+    pool = list(range(max(1, round(args.participation * clients))))
+    steps = max(1, images // (len(pool) * args.batch_size))
+    two_views = lambda idx: (augment(x[idx]), augment(x[idx]))
+    run_round(st, run_clients, pool, 1, args.lr, args, two_views)                # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    _, views = run_round(st, run_clients, pool, steps, args.lr, args, two_views)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return views / (time.perf_counter() - t)
+
+
+if __name__ == "__main__":
+    main()
