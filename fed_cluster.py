@@ -19,7 +19,8 @@ only statements a reader can check this file against:
 [related] FedMCC (same authors, arXiv 2206.05093): online + momentum target network, two stages.
 [reconstruction], all of the following:
   - networks: online encoder f, projector g, predictor q (BYOL's, used by the non-contrastive loss)
-    and cluster head c: h -> softmax over M clusters (M = number of classes, MLP d -> d -> M);
+    and cluster head c: h -> softmax over M clusters (M = number of classes, MLP d -> d -> M without
+    BatchNorm as in Contrastive Clustering, so train and eval mode assign alike);
     target f', g', c' = EMA copies of the online ones, xi <- m xi + (1 - m) theta, m = 0.99 per step.
   - stage 1 (rounds 1 .. R - C): --loss noncontrastive: L_N = (2 - 2 cos(q(z1), z2')) + (2 - 2 cos(q(z2), z1'))
     (BYOL, z' from the target); contrastive: L_C = NT-Xent over the batch (SimCLR, tau 0.5);
@@ -219,7 +220,7 @@ class Net(nn.Module):
         self.encoder = encoder
         self.projector = common.mlp([d, d, proj_dim])
         self.predictor = common.mlp([proj_dim, d, proj_dim]) if predictor else None
-        self.cluster = common.mlp([d, d, clusters])          # logits; softmax gives the assignment
+        self.cluster = common.mlp([d, d, clusters], bn=False)  # logits; no BN, as in Contrastive Clustering
 
 
 def byol_loss(p1, p2, z1_t, z2_t):
