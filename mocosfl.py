@@ -137,7 +137,7 @@ class Args(common.RunArgs):
 
 def split_network(args: Args, channels: int):
     """(client part, server trunk): the backbone cut after args.cut_layer units; trunk ends in a vector."""
-    enc = common.make_encoder(args, channels)
+    enc = common.make_encoder(args, channels).to(memory_format=torch.contiguous_format)   # vmap needs it
     if args.encoder == "resnet18":
         units = [nn.Sequential(enc.conv1, enc.bn1, enc.relu)]
         units += [b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer]
@@ -286,7 +286,7 @@ def run_round(st, run_clients, pool, steps, lr, args, two_views):
     loss_sum, meta = torch.zeros((), device=ids.device), st["meta"]
     weight_bytes = common.state_bytes(st["client"]) * (2 if args.sync_momentum else 1)
     for t in range(steps):
-        x_q, x_k = (v.view(P, B, *v.shape[1:]) for v in two_views(stream[:, t * B:(t + 1) * B].reshape(-1)))
+        x_q, x_k = (v.contiguous().view(P, B, *v.shape[1:]) for v in two_views(stream[:, t * B:(t + 1) * B].reshape(-1)))
         loss_sum += train_step(st, pool_st, x_q, x_k, lr, args)
         if (t + 1) % args.sync_every == 0 or t == steps - 1:
             sync(pool_st["w"], pool_st["w_m"], args.sync_momentum)
