@@ -36,14 +36,18 @@ FeatARC's headline number is the MEAN over cluster models (no test-set selection
 every cluster and the best one picked by test linear accuracy, as the released code reports (optimistic).
 
 Run:      python dec_ssl.py --partition dirichlet --alpha 0.05 --clients 5           (SimCLR, CPU minutes)
-          python dec_ssl.py --ssl simsiam ...   --featarc true --clusters 2        (FeatARC)
+          python dec_ssl.py --partition dirichlet --alpha 0.05 --clients 5 --featarc true --clusters 2
           python dec_ssl.py --preset paper --alpha 0.1      (GPU; SimSiam in the code: --ssl simsiam
                                                              --optimizer sgd --lr 0.03 --weight-decay 5e-4)
-Sweep (the paper's claims on Fashion-MNIST; one run at a time, every run uses the same schedule):
+Sweep (the paper's claims; one run at a time; every run has the same schedule, FeatARC included):
+  S="--clients 5 --train-size 3000 --test-size 2000 --rounds 10 --eval-every 5"
   for a in 0.05 0.5 100; do for m in "--ssl simclr" "--ssl simclr --featarc true" "--ssl simsiam"; do
-    python dec_ssl.py $m --partition dirichlet --alpha $a --clients 5 --rounds 20; done; done
-  and the centralized reference: python dec_ssl.py --clients 1 --partition iid --rounds 20
-Expected: kNN and linear accuracy well above the random encoder's, falling only a little as alpha shrinks.
+    python dec_ssl.py $m --partition dirichlet --alpha $a $S; done; done
+  python dec_ssl.py --clients 1 --partition iid $S                      (centralized, same image passes)
+Expected (that sweep, seed 0, 2 CPU cores, ~2-3 min a run): kNN 0.63-0.66 for every alpha and objective
+vs 0.563 for the random encoder, centralized 0.683; FeatARC within +-0.01 of plain SimCLR and its
+assignments never left k mod C. The linear probe (0.78-0.79) does not separate anything from the random
+encoder's 0.785 at this size: read the kNN column.
 """
 import copy
 from dataclasses import dataclass
