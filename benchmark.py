@@ -1,0 +1,599 @@
+"""Speed: how much of every method's training time is learning, the input pipeline, and scale in clients.
+
+Three measurements (../shared/BENCHMARK.md), all in this one process, so that ratios compare figures
+taken under the same load on the same device:
+
+1. Efficiency ratio, per method file = in-loop training images/s / bare-step images/s.
+   In-loop: the method's own main() runs here with a small budget and writes metrics.jsonl; common.Run
+   times each round without its kNN evaluation, so the figure includes augmentation, batching, client
+   switching (state-dict loads, fresh optimizers), aggregation and logging. We take the median over the
+   rounds after the first (the first one warms up allocators).
+   Bare step: forward + backward + optimizer step of the same encoder, head and loss at the same batch
+   size, on two views already augmented and on the device, written here from common's pieces:
+     simclr  encoder + MLP projector, both views in one batch, NT-Xent          local_cl, fedavg_cl, dec_ssl,
+                                                                                dec_ssl --featarc (+ its align term)
+     moco    online encoder + projector on view 1, EMA key encoder on view 2,   feature_fusion, neighborhood_match
+             InfoNCE against a queue (asymmetric), FIFO enqueue                 (queue = |Q_l| + |Q_r| rows)
+     sfl     MocoSFL's computation without the split: h_q = C(x_q) with grad,   mocosfl (batch = pool x per-client
+             h_k = Cbar(x_k); InfoNCE(S(h_q), Sbar(h_k)) + InfoNCE(S(h_k),      batch, the server's batch; no
+             Sbar(h_q)), one queue; GroupNorm + weight standardisation,        per-client weights, no vmap)
+             Linear-ReLU-Linear head, SGD
+     byol    online encoder + projector + predictor, EMA target, 2 - 2cos both  fed_cluster (its default loss
+             ways                                                               "both" adds NT-Xent, and stage 2 a
+                                                                                cluster head: the ratio counts
+                                                                                that extra learning as overhead)
+   Images/s count both views, as the methods do. A ratio near 1 means the loop adds almost nothing.
+2. Input pipeline: our batched on-device augmentation (common.Augment) against torchvision's PIL
+   transforms in a DataLoader with worker processes (two views per image; RandomResizedCrop, flip,
+   ColorJitter with p=0.8, for RGB also saturation/hue and grayscale p=0.2; normalise), each alone and
+   feeding the same SimCLR step on the same device.
+3. Scale: training images/s with 10, 100 and 1000 clients for the same total number of images: fedavg_cl
+   (its main(), one client batch = images / 1000 so that every setting uses the same batch) and mocosfl
+   (mocosfl.train_images_per_s: the code's pool/batch rule, about 100 images per server step).
+With a GPU (or --gpu-extras true) the bare step is also timed with bf16 autocast + channels_last, and
+compiled with torch.compile (--compile); both as extra columns.
+
+Figures: median of --repeats timed blocks and their spread ((max - min) / median); the device is named.
+Run:      python benchmark.py                 (CPU: about 10 minutes; GPU: a few)
+          python benchmark.py --quick         (under a minute on 2 cores; tiny budgets, noisy figures)
+          python benchmark.py --json bench.json --sections ratio --methods fedavg_cl,mocosfl
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib
+import io
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+ROOT = Path(__file__).resolve().parent
+
+# method row -> (module, extra flags, bare-step kind); the bare step's sizes are read from the run's config.json
+METHODS = {
+    "local_cl": ("local_cl", [], "simclr"),
+    "fedavg_cl": ("fedavg_cl", [], "simclr"),
+    "feature_fusion": ("feature_fusion", [], "moco"),
+    "neighborhood_match": ("neighborhood_match", [], "moco"),
+    "dec_ssl": ("dec_ssl", [], "simclr"),
+    "dec_ssl_featarc": ("dec_ssl", ["--featarc", "true"], "simclr"),
+    "mocosfl": ("mocosfl", [], "sfl"),
+    "fed_cluster": ("fed_cluster", [], "byol"),
+}
+SECTIONS = ("ratio", "pipeline", "scale")
+
+
+@dataclass
+class Args:
+    quick: bool = False
+    """tiny budgets (under a minute on 2 cores): checks the pipeline, the figures are noisy"""
+    json: str = ""
+    """also write every figure to this JSON file"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    methods: str = "all"
+    """comma-separated rows of the efficiency table (all = every method file)"""
+    sections: str = "ratio,pipeline,scale"
+    """which measurements: ratio, pipeline, scale"""
+    repeats: int = 0
+    """timed blocks per figure; 0 = 5 (--quick: 2)"""
+    train_size: int = 0
+    """images the in-loop runs train on, split over 2 clients; 0 = 2048 (--quick: 128)"""
+    batch_size: int = 0
+    """batch of the in-loop runs and their bare steps; 0 = each method's default (--quick: 32)"""
+    scale_images: int = 0
+    """images per round in the scale measurement; 0 = 10000 (--quick: 1000, and 10/100 clients only)"""
+    workers: int = 2
+    """DataLoader worker processes of the torchvision pipeline"""
+    gpu_extras: str = "auto"
+    """bare step also with bf16 autocast + channels_last: auto (with a GPU) | true | false"""
+    compile: str = "auto"
+    """bare step also under torch.compile: auto (with a GPU) | true | false"""
+
+    def check(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            common.fail(f"--device must be one of auto, cpu, cuda (got {self.device!r})")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            common.fail("--device cuda was asked for but no CUDA GPU is visible to torch")
+        for name in ("gpu_extras", "compile"):
+            if getattr(self, name) not in ("auto", "true", "false"):
+                common.fail(f"--{name.replace('_', '-')} must be auto, true or false (got {getattr(self, name)!r})")
+        if self.methods != "all" and not set(self.method_list) <= set(METHODS):
+            common.fail(f"--methods: unknown {sorted(set(self.method_list) - set(METHODS))}; "
+                        f"choose from {', '.join(METHODS)}")
+        if not set(self.section_list) <= set(SECTIONS):
+            common.fail(f"--sections: choose from {', '.join(SECTIONS)} (got {self.sections!r})")
+        for name in ("repeats", "train_size", "batch_size", "scale_images", "workers"):
+            if getattr(self, name) < 0:
+                common.fail(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if 0 < self.train_size < 64:
+            common.fail(f"--train-size must be at least 64 (got {self.train_size})")
+        # the quick/full defaults behind the zeros
+        self.repeats = self.repeats or (2 if self.quick else 5)
+        self.train_size = self.train_size or (128 if self.quick else 2048)
+        self.batch_size = self.batch_size or (32 if self.quick else 0)
+        self.scale_images = self.scale_images or (1000 if self.quick else 10000)
+        if self.scale_images < 2 * max(self.scale_clients):
+            common.fail(f"--scale-images must be at least {2 * max(self.scale_clients)}: "
+                        f"{max(self.scale_clients)} clients need 2 images each (got {self.scale_images})")
+
+    @property
+    def scale_clients(self):
+        return (10, 100) if self.quick else (10, 100, 1000)
+
+    @property
+    def method_list(self):
+        return list(METHODS) if self.methods == "all" else [m for m in self.methods.split(",") if m]
+
+    @property
+    def section_list(self):
+        return [s for s in self.sections.split(",") if s]
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_rate(fn, images: int, device, repeats: int, steps: int, warmup: int = 2) -> dict:
+    """Images/s of `steps` calls of fn (each processing `images`), median and spread over `repeats` blocks."""
+    return summarise(timed_rates(fn, images, device, repeats, steps, warmup))
+
+
+def timed_rates(fn, images: int, device, repeats: int, steps: int, warmup: int = 2) -> list:
+    for _ in range(warmup):
+        fn()
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        rates.append(images * steps / (time.perf_counter() - t))
+    return rates
+
+
+def summarise(rates: list) -> dict:
+    med = statistics.median(rates)
+    return {"images_per_s": med, "spread": (max(rates) - min(rates)) / med, "n": len(rates)}
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bare steps: model + loss + optimizer on inputs already on the device (nothing else)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class BareSpec:
+    kind: str                     # simclr | moco | byol | sfl
+    batch: int                    # images per step (each gives two views)
+    channels: int = 1
+    size: int = 28
+    encoder: str = "cnn"
+    width: int = 32
+    norm: str = "bn"
+    proj: list = field(default_factory=list)     # projector sizes after the encoder, e.g. [d, 128]
+    bn_head: bool = True
+    predictor_hidden: int = 0
+    tau: float = 0.2
+    queue: int = 0
+    momentum: float = 0.99
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    align: bool = False           # dec_ssl --featarc: + alignment of both views' projections to an anchor
+    cut: int = 1                  # sfl: units of the backbone before the cut
+
+
+def bare_step(spec: BareSpec, device, fast: bool = False, compile_: bool = False):
+    """Returns (step function, images per call = 2 x batch). fast: bf16 autocast + channels_last."""
+    args = common.RunArgs(encoder=spec.encoder, width=spec.width, norm=spec.norm, optimizer=spec.optimizer,
+                          lr=spec.lr, weight_decay=spec.weight_decay)
+    enc = common.make_encoder(args, spec.channels)
+    online = nn.Sequential(enc, common.mlp([enc.dim, *spec.proj], bn=spec.bn_head)).to(device)
+    predictor = None
+    if spec.kind == "byol":
+        out = spec.proj[-1]
+        predictor = common.mlp([out, spec.predictor_hidden or enc.dim, out]).to(device)
+    target = copy.deepcopy(online).requires_grad_(False) if spec.kind in ("moco", "byol", "sfl") else None
+    params = list(online.parameters()) + (list(predictor.parameters()) if predictor is not None else [])
+    opt = common.make_optimizer(params, args)
+    gen = torch.Generator(device=device).manual_seed(0)
+    v1 = torch.randn(spec.batch, spec.channels, spec.size, spec.size, device=device, generator=gen)
+    v2 = torch.randn(spec.batch, spec.channels, spec.size, spec.size, device=device, generator=gen)
+    queue = F.normalize(torch.randn(spec.queue, spec.proj[-1], device=device), dim=1) if spec.queue else None
+    anchor = F.normalize(torch.randn(spec.batch, spec.proj[-1], device=device), dim=1)
+    ptr = [0]
+    if fast:
+        online, v1, v2 = online.to(memory_format=torch.channels_last), v1.contiguous(memory_format=torch.channels_last), \
+            v2.contiguous(memory_format=torch.channels_last)
+        target = target.to(memory_format=torch.channels_last) if target is not None else None
+    f_online, f_target = online, target
+    if spec.kind == "sfl":     # client part C (and Cbar) before the cut, server S (and Sbar) after it
+        (client, server), (client_m, server_m) = split_units(online, spec), split_units(target, spec)
+    if compile_:
+        f_online = torch.compile(online)
+        f_target = torch.compile(target) if target is not None else None
+        if spec.kind == "sfl":
+            client, server, client_m, server_m = map(torch.compile, (client, server, client_m, server_m))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if fast else contextlib.nullcontext()
+
+    def step():
+        with amp:
+            if spec.kind == "simclr":
+                z1, z2 = f_online(torch.cat([v1, v2])).chunk(2)
+                loss = common.nt_xent(z1.float(), z2.float(), spec.tau)
+                if spec.align:
+                    loss = loss - 0.5 * ((anchor * F.normalize(z1.float(), dim=1)).sum(1).mean()
+                                         + (anchor * F.normalize(z2.float(), dim=1)).sum(1).mean())
+            elif spec.kind == "moco":
+                q = f_online(v1).float()
+                with torch.no_grad():
+                    common.ema_update(target, online, spec.momentum)
+                    k = F.normalize(f_target(v2).float(), dim=1)
+                loss = common.info_nce(q, k, queue, spec.tau)
+            elif spec.kind == "sfl":
+                h_q = client(v1)
+                with torch.no_grad():
+                    common.ema_update(target, online, spec.momentum)
+                    h_k = client_m(v2)
+                    k1, k2 = F.normalize(server_m(torch.cat([h_q, h_k])).float(), dim=1).chunk(2)
+                q1, q2 = server(torch.cat([h_q, h_k])).float().chunk(2)
+                loss = common.info_nce(q1, k2, queue, spec.tau) + common.info_nce(q2, k1, queue, spec.tau)
+                k = torch.cat([k1, k2])
+            else:
+                z = f_online(torch.cat([v1, v2]))
+                p1, p2 = predictor(z).float().chunk(2)
+                with torch.no_grad():
+                    t1, t2 = f_target(torch.cat([v1, v2])).float().chunk(2)
+                loss = (4 - 2 * F.cosine_similarity(p1, t2) - 2 * F.cosine_similarity(p2, t1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if spec.kind == "byol":
+            common.ema_update(target, online, spec.momentum)
+        if queue is not None:                         # FIFO ring buffer, as the methods keep theirs
+            n = min(len(k), len(queue))
+            queue[(ptr[0] + torch.arange(n, device=device)) % len(queue)] = k[:n]
+            ptr[0] = (ptr[0] + n) % len(queue)
+
+    return step, 2 * spec.batch
+
+
+def split_units(net: nn.Sequential, spec: BareSpec):
+    """(units before the cut, the rest + head) of encoder-plus-head, cut as mocosfl.py cuts it."""
+    enc, head = net[0], net[1]
+    if spec.encoder == "resnet18":
+        units = [nn.Sequential(enc.conv1, enc.bn1, enc.relu)]
+        units += [b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer]
+        units.append(nn.Sequential(enc.avgpool, nn.Flatten()))
+    else:
+        units = [enc.net[0:4], enc.net[4:8], enc.net[8:]]
+    return nn.Sequential(*units[:spec.cut]), nn.Sequential(*units[spec.cut:], head)
+
+
+def spec_for(name: str, cfg: dict) -> BareSpec:
+    """The bare step matching a method run, from that run's config.json arguments."""
+    a, kind = cfg["args"], METHODS[name][2]
+    base = dict(channels=1 if a["dataset"] == "fmnist" else 3, size=28 if a["dataset"] == "fmnist" else 32,
+                encoder=a["encoder"], width=a["width"], norm=a["norm"], optimizer=a["optimizer"], lr=a["lr"],
+                weight_decay=a["weight_decay"], batch=a["batch_size"])
+    d = 512 if a["encoder"] == "resnet18" else 4 * a["width"]
+    if name in ("local_cl", "fedavg_cl"):
+        return BareSpec(kind, proj=[d, a["proj_dim"]], tau=a["tau"], **base)
+    if name.startswith("dec_ssl"):
+        return BareSpec(kind, proj=[a["hidden_dim"], a["proj_dim"] or d], tau=a["tau"], align=a["featarc"], **base)
+    if name in ("feature_fusion", "neighborhood_match"):
+        return BareSpec(kind, proj=[d, a["proj_dim"]], tau=a["tau"], queue=a["queue_size"] + a["remote_bank"],
+                        momentum=a["momentum"], **base)
+    if name == "mocosfl":
+        pool = max(1, round(a["participation"] * a["clients"]))
+        base["batch"] = pool * a["batch_size"]                         # the server's batch
+        return BareSpec(kind, proj=[a["proj_dim"], a["proj_dim"]], bn_head=False, tau=a["tau"],
+                        queue=a["queue_size"], momentum=a["m"], cut=a["cut_layer"], **base)
+    if name == "fed_cluster":
+        return BareSpec(kind, proj=[d, a["proj_dim"]], predictor_hidden=d, momentum=a["momentum"], **base)
+    raise KeyError(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-loop: a method's own main() in this process
+# ----------------------------------------------------------------------------------------------
+
+def run_method(module: str, flags: list, out: Path) -> Path:
+    """Run module.main() with these flags (output captured); returns its run folder."""
+    mod = importlib.import_module(module)
+    argv, sys.argv = sys.argv, [str(ROOT / f"{module}.py"), *flags, "--out", str(out)]
+    handler = signal.getsignal(signal.SIGINT)          # Run.rounds() installs its own Ctrl-C handler
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            mod.main()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise RuntimeError(f"{module} {shlex.join(flags)} exited {e.code}: {buf.getvalue()[-500:]}") from None
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGINT, handler)
+    return sorted(p for p in out.iterdir() if (p / "summary.json").is_file())[-1]
+
+
+def dry_config(module: str, flags: list) -> dict:
+    """The arguments a method run with these flags will use (its Args after check()), without running it."""
+    mod = importlib.import_module(module)
+    args = common.parse_args(mod.Args, flags)
+    args.check()
+    return {"args": dataclasses.asdict(args)}
+
+
+def in_loop_rate(folder: Path) -> dict:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in rows[1:]] or [rows[0]["images_per_s"]]   # round 1 warms up
+    return summarise(rates)
+
+
+def measure_ratios(args: Args, device, tmp: Path, fast: bool, compile_: bool) -> list:
+    rounds = args.repeats + 1
+    common_flags = ["--train-size", args.train_size, "--test-size", 200, "--clients", 2, "--partition", "iid",
+                    "--rounds", rounds, "--eval-every", 10 ** 6, "--probe-epochs", 1, "--device", device.type]
+    rows = []
+    for name in args.method_list:
+        module, extra, kind = METHODS[name]
+        flags = [*common_flags, *extra]
+        if args.batch_size and name != "mocosfl":        # mocosfl's batch follows its code's rule
+            flags += ["--batch-size", args.batch_size]
+        flags = list(map(str, flags))
+        cfg = dry_config(module, flags)          # the bare step is timed before AND after the run:
+        spec = spec_for(name, cfg)               # the machine's load drifts, the median of both is fairer
+        step, views = bare_step(spec, device)
+        steps = max(1, args.train_size // spec.batch)       # one timed block = about one round's steps
+        before = timed_rates(step, views, device, args.repeats, steps)
+        folder = run_method(module, flags, tmp / name)
+        bare = summarise(before + timed_rates(step, views, device, args.repeats, steps, warmup=0))
+        loop = in_loop_rate(folder)
+        row = {"method": name, "bare_step": kind,
+               "batch_images": spec.batch, "command": f"python {module}.py {shlex.join(flags)}",
+               "in_loop": loop, "bare": bare, "ratio": loop["images_per_s"] / bare["images_per_s"]}
+        if fast:
+            s, v = bare_step(spec, device, fast=True)
+            row["bare_bf16_channels_last"] = timed_rate(s, v, device, args.repeats, steps)
+        if compile_:
+            try:
+                s, v = bare_step(spec, device, fast=fast, compile_=True)
+                row["bare_compiled"] = timed_rate(s, v, device, args.repeats, steps, warmup=3)
+            except Exception as e:                                # compile needs a working toolchain
+                row["bare_compiled"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        rows.append(row)
+        print(f"  {name}: in-loop {loop['images_per_s']:.0f}/s, bare {bare['images_per_s']:.0f}/s, "
+              f"ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Input pipeline: on-device batched augmentation vs torchvision PIL transforms in a DataLoader
+# ----------------------------------------------------------------------------------------------
+
+class TwoViewsPIL(torch.utils.data.Dataset):
+    """The conventional pipeline: uint8 images -> PIL -> torchvision transforms, twice per image."""
+
+    def __init__(self, x_uint8, mean, std, crop_min):
+        from torchvision import transforms as T
+        self.x = x_uint8.cpu().numpy()
+        rgb, size = self.x.shape[1] == 3, self.x.shape[-1]
+        jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1) if rgb else T.ColorJitter(0.4, 0.4)
+        self.t = T.Compose([T.RandomResizedCrop(size, scale=(crop_min, 1.0)), T.RandomHorizontalFlip(),
+                            T.RandomApply([jitter], p=0.8), *([T.RandomGrayscale(0.2)] if rgb else []),
+                            T.ToTensor(), T.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        a = self.x[i]
+        img = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+        return self.t(img), self.t(img)
+
+
+def forever(loader):
+    while True:
+        yield from loader
+
+
+def measure_pipeline(args: Args, device) -> dict:
+    n, batch = (1024, 64) if args.quick else (10000, 128)
+    data, _ = common.load_data(common.RunArgs(train_size=n, test_size=100, data_dir=str(ROOT / "data")), device)
+    augment = common.Augment(data, crop_min=0.2)
+    ds = TwoViewsPIL(data.train_x, data.mean, data.std, 0.2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=args.workers,
+                                         persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    batches = forever(loader)
+    spec = BareSpec("simclr", batch=batch, channels=data.channels, size=data.train_x.shape[-1], proj=[128, 128])
+
+    def ours_views():
+        idx = torch.randint(0, len(data.train_x), (batch,), device=device)
+        x = data.train_x[idx]
+        return augment(x), augment(x)
+
+    def pil_views():
+        v1, v2 = next(batches)
+        return v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
+
+    train = simclr_on_views(spec, device)
+    steps = 3 if args.quick else 10
+    res = {"batch_images": batch, "workers": args.workers, "dataset": "fmnist"}
+    for name, views in (("ours", ours_views), ("torchvision", pil_views)):
+        res[f"{name}_augment"] = timed_rate(views, 2 * batch, device, args.repeats, steps)
+        res[f"{name}_train"] = timed_rate(lambda: train(*views()), 2 * batch, device, args.repeats, steps)
+    res["augment_ratio"] = res["ours_augment"]["images_per_s"] / res["torchvision_augment"]["images_per_s"]
+    res["train_ratio"] = res["ours_train"]["images_per_s"] / res["torchvision_train"]["images_per_s"]
+    return res
+
+
+def simclr_on_views(spec: BareSpec, device):
+    """A SimCLR step that takes its two views as arguments (for the input-pipeline comparison)."""
+    args = common.RunArgs(width=spec.width)
+    enc = common.make_encoder(args, spec.channels)
+    model = nn.Sequential(enc, common.mlp([enc.dim, *spec.proj])).to(device)
+    opt = common.make_optimizer(model.parameters(), args)
+
+    def train(v1, v2):
+        z1, z2 = model(torch.cat([v1, v2])).chunk(2)
+        loss = common.nt_xent(z1, z2, spec.tau)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return train
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale: 10, 100, 1000 clients for the same number of images
+# ----------------------------------------------------------------------------------------------
+
+def measure_scale(args: Args, device, tmp: Path) -> list:
+    import mocosfl
+    rows, n = [], args.scale_images
+    batch = max(2, n // max(args.scale_clients))     # the most clients' whole client data: one batch each
+    for clients in args.scale_clients:
+        flags = ["--train-size", n, "--test-size", 100, "--clients", clients, "--partition", "iid",
+                 "--batch-size", batch, "--rounds", 2 if args.quick else 3, "--eval-every", 10 ** 6,
+                 "--probe-epochs", 1, "--device", device.type]
+        flags = list(map(str, flags))
+        folder = run_method("fedavg_cl", flags, tmp / f"scale-fedavg-{clients}")
+        rows.append({"method": "fedavg_cl", "clients": clients, "images": n, "batch_per_client": batch,
+                     **in_loop_rate(folder)})
+        rates = [mocosfl.train_images_per_s(clients, n, device) for _ in range(max(1, args.repeats // 2))]
+        pool = clients if clients < 200 else 100
+        rows.append({"method": "mocosfl", "clients": clients, "images": n, "batch_per_client": max(1, 100 // pool),
+                     **summarise(rates)})
+        print(f"  {clients} clients: fedavg_cl {rows[-2]['images_per_s']:.0f}/s, mocosfl {rows[-1]['images_per_s']:.0f}/s",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def fmt(r: dict) -> str:
+    if "error" in r:
+        return "failed"
+    if r["n"] == 1:
+        return f"{r['images_per_s']:.0f}"
+    return f"{r['images_per_s']:.0f} (±{50 * r['spread']:.0f}%)"
+
+
+def markdown(res: dict) -> str:
+    out = [f"Device: {res['device']}; torch {res['torch']}; `{res['command']}`",
+           "Figures: images/s counting both views, median of repeats (± half the max-min spread).", ""]
+    if "ratio" in res:
+        extra = [k for k in ("bare_bf16_channels_last", "bare_compiled") if any(k in r for r in res["ratio"])]
+        names = {"bare_bf16_channels_last": "bare bf16+channels_last", "bare_compiled": "bare compiled"}
+        out += ["| method | bare step | batch | in-loop | bare | ratio |" + "".join(f" {names[k]} |" for k in extra),
+                "|---|---|---|---|---|---|" + "---|" * len(extra)]
+        for r in res["ratio"]:
+            cols = "".join(f" {fmt(r[k]) if k in r else '-'} |" for k in extra)
+            out.append(f"| {r['method']} | {r['bare_step']} | {r['batch_images']} | {fmt(r['in_loop'])} | "
+                       f"{fmt(r['bare'])} | {r['ratio']:.2f} |" + cols)
+        out.append("")
+    if "pipeline" in res:
+        p = res["pipeline"]
+        out += [f"Input pipeline (Fashion-MNIST, batch {p['batch_images']}, two views; torchvision with "
+                f"{p['workers']} DataLoader workers):", "",
+                "| | ours (on-device, batched) | torchvision (PIL, DataLoader) | ratio |", "|---|---|---|---|",
+                f"| augmentation only | {fmt(p['ours_augment'])} | {fmt(p['torchvision_augment'])} | {p['augment_ratio']:.2f} |",
+                f"| + SimCLR step | {fmt(p['ours_train'])} | {fmt(p['torchvision_train'])} | {p['train_ratio']:.2f} |", ""]
+    if "scale" in res:
+        counts = sorted({r["clients"] for r in res["scale"]})
+        out += [f"Scale ({res['scale'][0]['images']} images per round, training images/s):", "",
+                "| method |" + "".join(f" {c} clients |" for c in counts) + " batch per client |",
+                "|---|" + "---|" * len(counts) + "---|"]
+        for m in ("fedavg_cl", "mocosfl"):
+            rs = [r for r in res["scale"] if r["method"] == m]
+            out.append(f"| {m} | " + " | ".join(fmt(r) for r in rs) + " | " +
+                       ", ".join(str(r["batch_per_client"]) for r in rs) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def bare_bools(cls, argv: list) -> list:
+    """Let a boolean flag stand alone (`--quick` = `--quick true`); common.parse_args wants a value."""
+    bools = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if isinstance(f.default, bool)}
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a in bools and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
+def parse(argv=None) -> Args:
+    try:
+        args = common.parse_args(Args, bare_bools(Args, sys.argv[1:] if argv is None else list(argv)))
+        args.check()
+    except common.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    device = common._pick_device(args.device)
+    gpu = device.type == "cuda"
+    fast = args.gpu_extras == "true" or (args.gpu_extras == "auto" and gpu)
+    compile_ = args.compile == "true" or (args.compile == "auto" and gpu)
+    torch.manual_seed(0)
+    res = {"device": device_name(device), "torch": torch.__version__, "quick": args.quick,
+           "command": "python benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
+        t0, res["section_s"] = time.time(), {}
+        for name, fn in (("ratio", lambda: measure_ratios(args, device, Path(tmp), fast, compile_)),
+                         ("pipeline", lambda: measure_pipeline(args, device)),
+                         ("scale", lambda: measure_scale(args, device, Path(tmp)))):
+            if name in args.section_list:
+                print(f"{name} ...", file=sys.stderr, flush=True)
+                t = time.time()
+                res[name] = fn()
+                res["section_s"][name] = time.time() - t
+        res["wall_s"] = time.time() - t0
+    print(markdown(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
