@@ -196,7 +196,7 @@ def assert_two_stage_summary(folder, rounds, stage1_rounds):
     assert summary["stage2"] == {"knn_acc": summary["knn_acc"], "linear_acc": summary["linear_acc"]}
     for key in ("cluster_acc", "nmi", "ari"):
         assert -1 <= summary[key] <= 1 and summary[key] == metrics[-1][key]
-    assert 0.1 <= summary["cluster_acc"] <= 1        # never below the smallest possible (10 equal classes)
+    assert 0.1 <= summary["cluster_acc"] <= 1        # some matching of a 10 x 10 table holds >= 1/10 of it
     return summary, metrics
 
 
