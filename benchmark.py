@@ -28,10 +28,13 @@ taken under the same load on the same device:
    ColorJitter with p=0.8, for RGB also saturation/hue and grayscale p=0.2; normalise), each alone and
    feeding the same SimCLR step on the same device.
 3. Scale: training images/s with 10, 100 and 1000 clients for the same total number of images: fedavg_cl
-   (its main(), one client batch = images / 1000 so that every setting uses the same batch) and mocosfl
+   (its main(); batch = images / 1000, the whole data of a client in the 1000-client setting, so every
+   setting uses the same batch and only the number of clients changes) and mocosfl
    (mocosfl.train_images_per_s: the code's pool/batch rule, about 100 images per server step).
-With a GPU (or --gpu-extras true) the bare step is also timed with bf16 autocast + channels_last, and
-compiled with torch.compile (--compile); both as extra columns.
+The bare step uses the method's memory layout (channels-last from common.make_encoder and Augment; the
+default layout for mocosfl, whose vmap needs it). With a GPU (or --gpu-extras true) it is also timed with
+bf16 autocast (and channels-last for mocosfl's too), and compiled with torch.compile (--compile); both as
+extra columns.
 
 Figures: median of --repeats timed blocks and their spread ((max - min) / median); the device is named.
 Run:      python benchmark.py                 (CPU: about 10 minutes; GPU: a few)
@@ -102,7 +105,7 @@ class Args:
     workers: int = 2
     """DataLoader worker processes of the torchvision pipeline"""
     gpu_extras: str = "auto"
-    """bare step also with bf16 autocast + channels_last: auto (with a GPU) | true | false"""
+    """bare step also with bf16 autocast (+ channels-last everywhere): auto (with a GPU) | true | false"""
     compile: str = "auto"
     """bare step also under torch.compile: auto (with a GPU) | true | false"""
 
@@ -218,11 +221,14 @@ class BareSpec:
 
 
 def bare_step(spec: BareSpec, device, fast: bool = False, compile_: bool = False):
-    """Returns (step function, images per call = 2 x batch). fast: bf16 autocast + channels_last."""
+    """Returns (step function, images per call = 2 x batch). The memory layout is the method's: channels-last
+    (common.make_encoder and Augment), except sfl (mocosfl keeps the default layout for vmap).
+    fast: bf16 autocast, and channels-last for sfl too."""
     args = common.RunArgs(encoder=spec.encoder, width=spec.width, norm=spec.norm, optimizer=spec.optimizer,
                           lr=spec.lr, weight_decay=spec.weight_decay)
+    layout = torch.contiguous_format if spec.kind == "sfl" and not fast else torch.channels_last
     enc = common.make_encoder(args, spec.channels)
-    online = nn.Sequential(enc, common.mlp([enc.dim, *spec.proj], bn=spec.bn_head)).to(device)
+    online = nn.Sequential(enc, common.mlp([enc.dim, *spec.proj], bn=spec.bn_head)).to(device, memory_format=layout)
     predictor = None
     if spec.kind == "byol":
         out = spec.proj[-1]
@@ -231,15 +237,11 @@ def bare_step(spec: BareSpec, device, fast: bool = False, compile_: bool = False
     params = list(online.parameters()) + (list(predictor.parameters()) if predictor is not None else [])
     opt = common.make_optimizer(params, args)
     gen = torch.Generator(device=device).manual_seed(0)
-    v1 = torch.randn(spec.batch, spec.channels, spec.size, spec.size, device=device, generator=gen)
-    v2 = torch.randn(spec.batch, spec.channels, spec.size, spec.size, device=device, generator=gen)
+    v1, v2 = (torch.randn(spec.batch, spec.channels, spec.size, spec.size, device=device, generator=gen)
+              .contiguous(memory_format=layout) for _ in range(2))
     queue = F.normalize(torch.randn(spec.queue, spec.proj[-1], device=device), dim=1) if spec.queue else None
     anchor = F.normalize(torch.randn(spec.batch, spec.proj[-1], device=device), dim=1)
     ptr = [0]
-    if fast:
-        online, v1, v2 = online.to(memory_format=torch.channels_last), v1.contiguous(memory_format=torch.channels_last), \
-            v2.contiguous(memory_format=torch.channels_last)
-        target = target.to(memory_format=torch.channels_last) if target is not None else None
     f_online, f_target = online, target
     if spec.kind == "sfl":     # client part C (and Cbar) before the cut, server S (and Sbar) after it
         (client, server), (client_m, server_m) = split_units(online, spec), split_units(target, spec)
@@ -449,7 +451,7 @@ def measure_pipeline(args: Args, device) -> dict:
 
     def pil_views():
         v1, v2 = next(batches)
-        return v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
+        return tuple(v.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for v in (v1, v2))
 
     train = simclr_on_views(spec, device)
     steps = 3 if args.quick else 10

@@ -19,6 +19,7 @@ image-pass budget: --rounds R x --local-epochs E, i.e. every image of every clie
 round, R x E times in all. Per method (each keeps its own hyper-parameters: optimizer, lr, tau, ...):
   local_cl              R rounds x E local epochs, no server; each client alone; numbers = mean over clients
   fedavg_cl             R x E, FedAvg + SimCLR
+  fedavg_moco           R x E, feature_fusion with fusion off: FedAvg + MoCo, the ablation baseline of FF
   feature_fusion        R x E, FedAvg + MoCo with the other clients' features as extra negatives
   neighborhood_match    R x E, feature_fusion + neighbourhood-matching loss
   dec_ssl               R x E, SimCLR, unweighted model mean, server lr decay (the Dec-SSL code's recipe)
@@ -78,6 +79,8 @@ class Row:
 ROWS = {
     "local_cl": Row("local_cl (each client alone; mean over clients)", "local_cl.py"),
     "fedavg_cl": Row("fedavg_cl (FedAvg + SimCLR)", "fedavg_cl.py"),
+    "fedavg_moco": Row("fedavg_moco (feature_fusion --remote-features 0: FedAvg + MoCo)", "feature_fusion.py",
+                       ("--remote-features", "0")),
     "feature_fusion": Row("feature_fusion (CCL: FF)", "feature_fusion.py"),
     "neighborhood_match": Row("neighborhood_match (CCL: FF + NM)", "neighborhood_match.py"),
     "dec_ssl": Row("dec_ssl (Dec-SSL: FedAvg + SimCLR)", "dec_ssl.py"),
@@ -95,7 +98,7 @@ class Args:
     quick: bool = False
     """tiny budget and one seed (the whole pipeline in a few minutes on 2 cores); explicit flags override it"""
     methods: str = "all"
-    """comma-separated rows (all = every row): local_cl, fedavg_cl, feature_fusion, neighborhood_match,
+    """comma-separated rows (all = every row): local_cl, fedavg_cl, fedavg_moco, feature_fusion, neighborhood_match,
     dec_ssl, dec_ssl_featarc, mocosfl, fed_cluster, centralized"""
     partitions: str = "iid,classes,dirichlet"
     """comma-separated columns: iid | classes (--classes-per-client) | dirichlet (--alpha)"""
@@ -408,7 +411,9 @@ def write_markdown(path: Path, table: dict, args: Args, command: str, device: st
 def plot(path: Path, results: list, table: dict, args: Args):
     plt = common._plt()
     parts = args.partition_list
-    fig, axes = plt.subplots(1, len(parts), figsize=(4.6 * len(parts), 3.8), squeeze=False, sharey=True)
+    from matplotlib.ticker import MaxNLocator
+    width = 4.2 * len(parts) + 1.8
+    fig, axes = plt.subplots(1, len(parts), figsize=(width, 3.8), squeeze=False, sharey=True)
     colors = plt.get_cmap("tab10")
     for ax, part in zip(axes[0], parts):
         for i, key in enumerate(args.method_list):
@@ -423,10 +428,12 @@ def plot(path: Path, results: list, table: dict, args: Args):
             ax.axhline(table["random"][part]["knn_acc"][0], color="gray", ls=":", label="random encoder")
         ax.set_title(column_name(part, args))
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("kNN accuracy (mean over seeds)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / width, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -15,7 +15,7 @@ import benchmark
 import common
 import compare
 
-# the smallest budget that still runs every method (3 clients, 1 round of 100 images each)
+# the smallest budget that still runs every method (3 clients, 1 round of 100 images each); one column
 TINY_COMPARE = ["--quick", "--train-size", "300", "--test-size", "200", "--clients", "3", "--rounds", "1",
                 "--batch-size", "16", "--probe-epochs", "1", "--device", "cpu"]
 
@@ -52,6 +52,7 @@ def test_every_row_gets_the_same_budget_partition_and_evaluation(partition):
     assert got["mocosfl"].batch_size == 100 // 20                  # its own rule: ~100 images per server step
     assert {got[k].batch_size for k in compare.ROWS if k != "mocosfl"} == {args.batch_size}
     assert got["dec_ssl_featarc"].featarc and not got["dec_ssl"].featarc
+    assert got["fedavg_moco"].remote_features == 0 < got["feature_fusion"].remote_features
 
 
 def test_quick_is_a_preset_that_explicit_flags_override():
@@ -114,7 +115,8 @@ def test_compare_end_to_end_then_resumes_without_rerunning(tmp_path):
     out = tmp_path / "results"
     proc = run("compare.py", *TINY_COMPARE, "--partitions", "iid", "--jobs", "2", "--out", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "9 cells, 0 already complete, 9 to run" in proc.stdout
+    n = len(compare.ROWS)
+    assert f"{n} cells, 0 already complete, {n} to run" in proc.stdout
     md = (out / "results.md").read_text()
     assert "python compare.py " + " ".join(TINY_COMPARE) in md and "Device: CPU" in md
     for heading in ("## Linear probe accuracy", "## kNN accuracy"):
@@ -132,12 +134,12 @@ def test_compare_end_to_end_then_resumes_without_rerunning(tmp_path):
 
     # the same command again runs nothing; a cell that lost its summary is resumed from its checkpoint
     again = run("compare.py", *TINY_COMPARE, "--partitions", "iid", "--jobs", "2", "--out", out)
-    assert again.returncode == 0 and "9 already complete, 0 to run" in again.stdout
+    assert again.returncode == 0 and f"{n} already complete, 0 to run" in again.stdout
     cell = next(c for c in res["cells"] if c["method"] == "fedavg_cl")
     folder = next((out / "runs" / "fedavg_cl").glob("iid-s0-*/fedavg_cl-*"))
     (folder / "summary.json").unlink()
     third = run("compare.py", *TINY_COMPARE, "--partitions", "iid", "--jobs", "2", "--out", out)
-    assert third.returncode == 0 and "8 already complete, 1 to run" in third.stdout, third.stdout + third.stderr
+    assert third.returncode == 0 and f"{n - 1} already complete, 1 to run" in third.stdout, third.stdout + third.stderr
     assert "--resume" in (folder.parent / "log.txt").read_text()
     new = next(c for c in json.loads((out / "results.json").read_text())["cells"] if c["method"] == "fedavg_cl")
     assert new["knn_acc"] == cell["knn_acc"] and new["linear_acc"] == cell["linear_acc"]
