@@ -9,8 +9,9 @@ wrote (summary.json, metrics.jsonl) and writes
   results/results.json  every cell's numbers (the tables are computed from it)
 It is resumable: a cell whose run folder holds a complete summary.json for the same command is not run
 again, an interrupted one continues with the method's own --resume, so re-running the same command
-after Ctrl-C (or after adding a method) only runs what is missing. Run folders (results/runs/) are not
-committed.
+after Ctrl-C (or after adding a method) only runs what is missing. A cell is keyed by its command line,
+not by the method's code: after changing a method, delete results/runs/<row>/ to run it again. Run
+folders (results/runs/) are not committed.
 
 What is the same for every row (the shared protocol, see README): dataset and its --train-size subset,
 the partition (same --seed => same indices in every method), the encoder (cnn, width 32), --clients,
@@ -34,9 +35,10 @@ round, R x E times in all. Per method (each keeps its own hyper-parameters: opti
   random encoder        not a run: summary.json's random_encoder of the fedavg_cl cells (an untrained
                         encoder of the same architecture under the same evaluation)
 
-Run:      python compare.py                   (3 seeds x 3 partitions x 9 methods; GPU: a few minutes
-                                               with the default --jobs; a 2-core CPU: hours)
-          python compare.py --quick           (one seed, tiny budget: the whole pipeline in minutes on 2 cores)
+Run:      python compare.py                   (3 seeds x (3 partitions x 9 rows + centralized) = 84 runs;
+                                               meant for a GPU with the default --jobs, about 400k
+                                               training views per run: hours on a 2-core CPU)
+          python compare.py --quick           (one seed, tiny budget, 28 runs: about 5 minutes on 2 cores)
           python compare.py --methods fedavg_cl,mocosfl --partitions classes --seeds 0
 Then copy results/results.md into the README (nothing in it is typed by hand).
 """
