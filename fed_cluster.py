@@ -34,7 +34,7 @@ only statements a reader can check this file against:
   - federation: FedAvg (weighted by sample counts) of f, g, q and c; the targets stay on the client
     and are re-initialised from the global online weights every round (--keep-target true: kept).
   - evaluation: the encoder (kNN, linear probe) after stage 1 and after stage 2; the clustering
-    (argmax of c on the test set) with ACC (Hungarian matching), NMI and ARI.
+    (argmax of c on the test set) with ACC (Hungarian matching), NMI and ARI (common.py).
   --cluster-rounds = --rounds gives the one-stage baseline (cluster loss from round 1).
 Sanity anchor (centralized Contrastive Clustering, ResNet-34, CIFAR-10; not this paper): ACC 0.790,
 NMI 0.705, ARI 0.637. A federated non-IID run should land below these; above suggests a leak.
@@ -129,91 +129,6 @@ class Args(common.RunArgs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Clustering metrics: numpy int label vectors in, python float out (labels may be any integers)
-# ----------------------------------------------------------------------------------------------
-
-def contingency(y_true, y_pred) -> np.ndarray:
-    """C[i, j] = number of samples in true class i and predicted cluster j (labels renumbered 0..K-1)."""
-    y_true, y_pred = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
-    if len(y_true) != len(y_pred) or len(y_true) == 0:
-        raise ValueError(f"need two non-empty label vectors of one length (got {len(y_true)} and {len(y_pred)})")
-    _, t = np.unique(y_true, return_inverse=True)
-    _, p = np.unique(y_pred, return_inverse=True)
-    c = np.zeros((t.max() + 1, p.max() + 1), dtype=np.int64)
-    np.add.at(c, (t, p), 1)
-    return c
-
-
-def hungarian(cost: np.ndarray) -> np.ndarray:
-    """Kuhn-Munkres with row/column potentials, O(n^3), for a square cost matrix: returns col with
-    row i assigned to column col[i], minimising sum_i cost[i, col[i]]. Index 0 is a virtual column."""
-    n = cost.shape[0]
-    u, v = np.zeros(n + 1), np.zeros(n + 1)          # potentials: cost[i, j] - u[i] - v[j] >= 0
-    match = np.zeros(n + 1, dtype=np.int64)          # match[j] = row (1-based) holding column j; 0 = free
-    way = np.zeros(n + 1, dtype=np.int64)            # previous column on the shortest alternating path
-    for i in range(1, n + 1):                        # add row i, then augment along a shortest path
-        match[0], j0 = i, 0
-        minv, used = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=bool)
-        while match[j0] != 0:
-            used[j0] = True
-            i0, free = match[j0], ~used
-            reduced = cost[i0 - 1] - u[i0] - v[1:]   # reduced costs from row i0 to every column
-            better = free[1:] & (reduced < minv[1:])
-            minv[1:][better], way[1:][better] = reduced[better], j0
-            j1 = int(np.argmin(np.where(free, minv, np.inf)))
-            delta = minv[j1]
-            u[match[used]] += delta                  # keep the tree tight, lower the frontier
-            v[used] -= delta
-            minv[free] -= delta
-            j0 = j1
-        while j0:                                    # flip the path: each column takes its predecessor's row
-            j1 = way[j0]
-            match[j0], j0 = match[j1], j1
-    col = np.zeros(n, dtype=np.int64)
-    col[match[1:] - 1] = np.arange(n)
-    return col
-
-
-def cluster_acc(y_true, y_pred) -> float:
-    """ACC = max over one-to-one maps of clusters to classes of the share of samples mapped right."""
-    c = contingency(y_true, y_pred)
-    k = max(c.shape)
-    square = np.zeros((k, k), dtype=np.int64)        # pad: extra clusters/classes match nothing
-    square[:c.shape[0], :c.shape[1]] = c
-    col = hungarian(square.max() - square)           # maximise matches = minimise (max - matches)
-    return float(square[np.arange(k), col].sum() / c.sum())
-
-
-def _entropy(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def nmi(y_true, y_pred) -> float:
-    """I(Y; C) / ((H(Y) + H(C)) / 2), natural log (scikit-learn's default 'arithmetic' normalisation)."""
-    c = contingency(y_true, y_pred)
-    h_t, h_p = _entropy(c.sum(1)), _entropy(c.sum(0))
-    if h_t == 0 and h_p == 0:                        # one class, one cluster: identical partitions
-        return 1.0
-    pij = c / c.sum()
-    outer = pij.sum(1, keepdims=True) * pij.sum(0, keepdims=True)
-    nz = pij > 0
-    mi = max(float((pij[nz] * np.log(pij[nz] / outer[nz])).sum()), 0.0)
-    return mi / ((h_t + h_p) / 2)
-
-
-def ari(y_true, y_pred) -> float:
-    """Adjusted Rand index (Hubert & Arabie 1985): (index - expected) / (max - expected) on pair counts."""
-    c = contingency(y_true, y_pred).astype(np.float64)
-    pairs = lambda x: x * (x - 1) / 2
-    index, a, b, total = pairs(c).sum(), pairs(c.sum(1)).sum(), pairs(c.sum(0)).sum(), pairs(c.sum())
-    expected, top = (a * b / total if total else 0.0), (a + b) / 2
-    if top == expected:                              # both partitions trivial (one group / all singletons)
-        return 1.0
-    return float((index - expected) / (top - expected))
-
-
-# ----------------------------------------------------------------------------------------------
 # The method: networks and losses
 # ----------------------------------------------------------------------------------------------
 
@@ -303,7 +218,7 @@ def evaluate_clustering(model: Net, run: common.Run) -> dict:
     pred = model.cluster(h).argmax(1).cpu().numpy()
     model.cluster.train()
     y = run.data.test_y.cpu().numpy()
-    return {"cluster_acc": cluster_acc(y, pred), "nmi": nmi(y, pred), "ari": ari(y, pred),
+    return {"cluster_acc": common.cluster_acc(y, pred), "nmi": common.nmi(y, pred), "ari": common.ari(y, pred),
             "clusters_used": len(np.unique(pred))}
 
 

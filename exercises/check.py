@@ -409,7 +409,7 @@ def enqueue_cases():
 
 
 # ----------------------------------------------------------------------------------------------
-# Exercise 6: clustering accuracy with Hungarian matching  -- reference fed_cluster.cluster_acc
+# Exercise 6: clustering accuracy with Hungarian matching  -- reference common.cluster_acc
 # ----------------------------------------------------------------------------------------------
 
 def _labels_from_counts(counts) -> tuple[np.ndarray, np.ndarray]:
@@ -482,7 +482,7 @@ EXERCISES = {e.name: e for e in [
     Exercise(3, "dirichlet_partition", "common.dirichlet_partition", "Dirichlet label-skew partition", dirichlet_cases),
     Exercise(4, "ff_loss", "feature_fusion.ff_loss", "feature-fusion loss with remote negatives", ff_loss_cases),
     Exercise(5, "enqueue", "feature_fusion.enqueue", "MoCo queue update (FIFO ring buffer)", enqueue_cases),
-    Exercise(6, "cluster_acc", "fed_cluster.cluster_acc", "clustering accuracy with Hungarian matching", cluster_acc_cases),
+    Exercise(6, "cluster_acc", "common.cluster_acc", "clustering accuracy with Hungarian matching", cluster_acc_cases),
 ]}
 
 

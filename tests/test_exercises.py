@@ -435,7 +435,7 @@ def acc_unmatched(y_true, y_pred):
 
 def acc_assumes_0_to_k(y_true, y_pred):
     """Right matching, but the table is built with bincount, as if labels were 0..K-1."""
-    from fed_cluster import hungarian
+    from common import hungarian
     k = max(len(np.unique(y_true)), len(np.unique(y_pred)))
     c = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
     col = hungarian(c.max() - c)
