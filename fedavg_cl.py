@@ -18,7 +18,8 @@ Run:      python fedavg_cl.py                    (10 clients, 2 classes each, Fa
           python fedavg_cl.py --preset paper     (CIFAR-10, ResNet-18, 5 clients, 2 classes each,
                                                   100 rounds x 5 local epochs, SGD 0.032: the
                                                   FedU/FedEMA setting of Zhuang et al.; for a GPU)
-Expected: see the README's results table (kNN well above the random encoder's in a few minutes).
+Expected (measured, default flags, 2 CPU cores, 285 s): kNN 0.724 vs 0.682 for a random encoder,
+linear probe 0.827 vs 0.809; --clients 1: kNN 0.763, linear 0.853. 3-seed means: README's results.
 """
 import copy
 from dataclasses import dataclass

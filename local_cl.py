@@ -15,7 +15,8 @@ over clients.
 
 Run:      python local_cl.py                    (10 clients, 2 classes each, Fashion-MNIST, CPU)
           python local_cl.py --preset paper     (CIFAR-10, ResNet-18, 5 clients, 2 classes each; GPU)
-Expected: see the README's results table; clearly below fedavg_cl under 2 classes per client.
+Expected (measured, default flags, 2 CPU cores, 536 s): mean kNN 0.720 vs 0.682 for a random encoder,
+linear 0.828 vs 0.809, slightly below fedavg_cl's kNN (0.724); 3-seed means: README's results.
 """
 from dataclasses import dataclass
 from typing import ClassVar
