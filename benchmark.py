@@ -551,20 +551,9 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
-def bare_bools(cls, argv: list) -> list:
-    """Let a boolean flag stand alone (`--quick` = `--quick true`); common.parse_args wants a value."""
-    bools = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if isinstance(f.default, bool)}
-    out = []
-    for i, a in enumerate(argv):
-        out.append(a)
-        if a in bools and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            out.append("true")
-    return out
-
-
 def parse(argv=None) -> Args:
     try:
-        args = common.parse_args(Args, bare_bools(Args, sys.argv[1:] if argv is None else list(argv)))
+        args = common.parse_args(Args, sys.argv[1:] if argv is None else list(argv))
         args.check()
     except common.UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -161,7 +161,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(cls, argv=None):
-    """Build argparse from the Args dataclass; apply --preset paper, then the flags actually given."""
+    """Build argparse from the Args dataclass; apply --preset paper (cls.PAPER) and any boolean switch
+    with a preset (cls.SWITCH_PRESETS, e.g. {"quick": {...}}), then the flags actually given."""
     docs = _field_docs(cls)
     p = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
@@ -169,8 +170,8 @@ def parse_args(cls, argv=None):
     for f in dataclasses.fields(cls):
         flag, default, help_ = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), docs.get(f.name, "")
         help_ += f" (default: {default})"
-        if isinstance(default, bool):
-            p.add_argument(flag, type=_bool, metavar="{true,false}", help=help_)
+        if isinstance(default, bool):      # `--featarc` alone means `--featarc true`
+            p.add_argument(flag, type=_bool, nargs="?", const=True, metavar="{true,false}", help=help_)
         else:
             p.add_argument(flag, type=type(default), help=help_)
     given = vars(p.parse_args(argv))
@@ -182,6 +183,9 @@ def parse_args(cls, argv=None):
         saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}}
         return cls(**{**saved, "resume": given["resume"]})
     values = dict(cls.PAPER) if given.get("preset") == "paper" else {}
+    for switch, preset in getattr(cls, "SWITCH_PRESETS", {}).items():   # e.g. compare.py's --quick
+        if given.get(switch):
+            values.update(preset)
     values.update(given)
     return cls(**values)
 

@@ -44,7 +44,6 @@ Then copy results/results.md into the README (nothing in it is typed by hand).
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -139,6 +138,7 @@ class Args:
 
     QUICK: ClassVar[dict] = dict(seeds="0", clients=5, rounds=2, train_size=1000, test_size=500, batch_size=32,
                                  eval_every=1, probe_epochs=5)
+    SWITCH_PRESETS: ClassVar[dict] = {"quick": QUICK}
 
     def check(self):
         if self.dataset not in common.DATASETS:
@@ -185,18 +185,8 @@ class Args:
 
 
 def parse_args(argv: list) -> Args:
-    """Like common.parse_args (field docstrings are the --help), with --quick as a preset that explicit
-    flags override, and boolean flags that may stand alone (`--quick`)."""
-    docs = common._field_docs(Args)
-    p = common._Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        default = f.default
-        kw = dict(type=common._bool, nargs="?", const=True) if isinstance(default, bool) else dict(type=type(default))
-        p.add_argument("--" + f.name.replace("_", "-"), help=" ".join(docs.get(f.name, "").split()) +
-                       f" (default: {default})", **kw)
-    given = vars(p.parse_args(argv))
-    return Args(**{**(Args.QUICK if given.get("quick") else {}), **given})
+    """common.parse_args: field docstrings are the --help, --quick switches on the QUICK preset."""
+    return common.parse_args(Args, argv)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -338,3 +338,13 @@ def test_help_text_comes_from_field_docstrings_and_preset_yields_to_flags():
     a = common.parse_args(fedavg_cl.Args, ["--preset", "paper", "--rounds", "3"])
     assert (a.dataset, a.encoder, a.rounds) == ("cifar10", "resnet18", 3)
     assert common.parse_args(fedavg_cl.Args, []).dataset == "fmnist"
+
+
+def test_boolean_flags_stand_alone_and_switch_presets_yield_to_explicit_flags():
+    import compare
+    import dec_ssl
+    assert common.parse_args(dec_ssl.Args, ["--featarc", "--clusters", "3"]).featarc is True
+    assert common.parse_args(dec_ssl.Args, ["--featarc", "false"]).featarc is False
+    quick = common.parse_args(compare.Args, ["--quick", "--rounds", "7"])
+    assert (quick.rounds, quick.seeds) == (7, compare.Args.QUICK["seeds"])     # preset, then the flag
+    assert common.parse_args(compare.Args, []).rounds == compare.Args().rounds
