@@ -62,3 +62,15 @@ def assert_bad_input(proc, out, needle):
 @pytest.fixture
 def out(tmp_path):
     return tmp_path / "runs"
+
+
+def resume_to(script, folder, out, **new_args):
+    """Turn a finished run into an interrupted one with more rounds to go (edit config.json, drop
+    summary.json) and continue it with --resume; returns the CompletedProcess."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["args"].update(new_args)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "summary.json").unlink()
+    proc, _ = run_script(script, "--resume", folder, out=out)
+    return proc

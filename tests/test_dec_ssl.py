@@ -2,7 +2,6 @@
 (with the released code's indexing defect reproduced and shown to fail), the server lr schedule, and
 end-to-end runs for every --ssl value and for --featarc."""
 import copy
-import json
 import math
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 import common
 import dec_ssl
-from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script
+from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script, resume_to
 
 
 def cos(a, b):
@@ -215,11 +214,7 @@ def test_featarc_end_to_end_and_resume(out, tmp_path):
     out2 = tmp_path / "runs2"
     proc, half = run_script("dec_ssl.py", *flags, "--rounds", "1", out=out2)
     assert proc.returncode == 0, proc.stderr
-    cfg = json.loads((half / "config.json").read_text())
-    cfg["args"]["rounds"] = 2
-    (half / "config.json").write_text(json.dumps(cfg))
-    (half / "summary.json").unlink()
-    proc, _ = run_script("dec_ssl.py", "--resume", half, out=out2)
+    proc = resume_to("dec_ssl.py", half, out2, rounds=2)
     assert proc.returncode == 0, proc.stderr
     resumed, rmetrics, _ = read_run(half)
     for a, b in zip(metrics, rmetrics):

@@ -1,7 +1,6 @@
 """feature_fusion.py and neighborhood_match.py (CCL, Wu et al., IJCAI 2022): losses against slow loop
 references, the queue and the remote bank, FF-off == FedAvg + MoCo, and both scripts end to end."""
 import copy
-import json
 import math
 from types import SimpleNamespace
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 import common
 import feature_fusion as ff
 import neighborhood_match as nm
-from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script
+from conftest import TINY, assert_bad_input, assert_complete_run, read_run, resume_to, run_script
 
 SMALL_BANKS = ["--queue-size", "64", "--remote-features", "16", "--remote-bank", "0", "--proj-dim", "16"]
 
@@ -202,11 +201,8 @@ def test_feature_fusion_end_to_end_and_resume(out, tmp_path):
     flags = list(TINY)
     flags[flags.index("--rounds") + 1] = "1"
     proc, part = run_script("feature_fusion.py", *flags, *SMALL_BANKS, out=tmp_path / "b")
-    cfg = json.loads((part / "config.json").read_text())
-    cfg["args"]["rounds"] = 2
-    (part / "config.json").write_text(json.dumps(cfg))
-    (part / "summary.json").unlink()
-    proc, _ = run_script("feature_fusion.py", "--resume", part, out=tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    proc = resume_to("feature_fusion.py", part, tmp_path / "b", rounds=2)
     assert proc.returncode == 0, proc.stderr
     _, resumed, _ = read_run(part)
     for key in ("loss", "knn_acc", "fn_ratio_local", "fn_ratio_fused"):

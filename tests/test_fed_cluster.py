@@ -1,6 +1,5 @@
 """fed_cluster.py: clustering metrics and losses against slow references, the two stages end to end."""
 import itertools
-import json
 import math
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import fed_cluster as fc
-from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script
+from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script, resume_to
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +222,7 @@ def test_resume_with_kept_targets_reproduces_the_uninterrupted_run(tmp_path):
     assert_two_stage_summary(full, 2, 1)
     proc, part = run_script("fed_cluster.py", *flags, "--rounds", "1", "--cluster-rounds", "0", out=tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
-    cfg = json.loads((part / "config.json").read_text())
-    cfg["args"].update(rounds=2, cluster_rounds=1)                    # "extend" the finished stage-1 run
-    (part / "config.json").write_text(json.dumps(cfg))
-    (part / "summary.json").unlink()
-    proc, _ = run_script("fed_cluster.py", "--resume", part, out=tmp_path / "b")
+    proc = resume_to("fed_cluster.py", part, tmp_path / "b", rounds=2, cluster_rounds=1)   # extend stage 1
     assert proc.returncode == 0, proc.stderr
     (s_full, m_full, _), (s_part, m_part, _) = read_run(full), read_run(part)
     keys = ("loss", "knn_acc", "stage", "cluster_loss", "cluster_acc", "nmi", "ari")

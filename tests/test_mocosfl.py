@@ -1,7 +1,6 @@
 """mocosfl.py against slow references: the unsplit network, one graph through all clients and the
 server, per-client nn.Module copies with their own torch.optim.SGD, and a loop-based InfoNCE."""
 import copy
-import json
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch.func import functional_call
 
 import common
 import mocosfl
-from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script
+from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script, resume_to
 
 
 def make(clients=3, channels=1, **kw):
@@ -254,11 +253,7 @@ def test_end_to_end_5_clients_and_resume(out, tmp_path):
     out2 = tmp_path / "resumed"
     proc, part = run_script("mocosfl.py", *flags, "--rounds", "1", out=out2)
     assert proc.returncode == 0, proc.stderr
-    cfg = json.loads((part / "config.json").read_text())
-    cfg["args"]["rounds"] = 2
-    (part / "config.json").write_text(json.dumps(cfg))
-    (part / "summary.json").unlink()
-    proc, _ = run_script("mocosfl.py", "--resume", part, out=out2)
+    proc = resume_to("mocosfl.py", part, out2, rounds=2)
     assert proc.returncode == 0, proc.stderr
     _, resumed, _ = read_run(part)
     assert [m["loss"] for m in resumed] == [m["loss"] for m in metrics]
