@@ -64,6 +64,8 @@ class Args(common.RunArgs):
     """|Q_r|: rows of the other clients' features a client downloads (0 = all of them)"""
     weighted: bool = True
     """FedAvg weights clients by their number of images (false: unweighted mean)"""
+    symmetric: bool = True
+    """both views serve as query, the loss is the mean of the two (false: MoCo v2's view-1 query only)"""
 
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="iid",
                                  rounds=100, local_epochs=5, batch_size=256, optimizer="sgd", lr=0.06,
@@ -107,6 +109,20 @@ def ff_loss(q, k, local_queue, remote_feats, tau):
 
 
 @torch.no_grad()
+def diagnostics(q, k, local_queue, remote_feats, tau):
+    """Label-free monitor of L_FF: the share of queries whose positive beats every queue row, the share
+    whose positive beats every other key of the batch, and the softmax mass on the remote rows."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    pos = (q * k).sum(1)
+    in_batch = (q @ k.t()).fill_diagonal_(float("-inf"))
+    remote = remote_feats if remote_feats is not None else q[:0]
+    logits = torch.cat([pos[:, None], q @ local_queue.t(), q @ remote.t()], dim=1) / tau
+    mass = logits.softmax(1)[:, 1 + len(local_queue):].sum(1)
+    return torch.stack([(pos > (q @ local_queue.t()).max(1).values).float().mean(),
+                        (pos > in_batch.max(1).values).float().mean(), mass.mean()])
+
+
+@torch.no_grad()
 def enqueue(queue, ptr, keys):
     """MoCo's FIFO ring buffer: write keys into queue rows ptr, ptr+1, ... (wrapping); return the new ptr."""
     size, b = len(queue), len(keys)
@@ -126,26 +142,35 @@ def remote_rows(counts, m, c, size):
     return rows
 
 
-def local_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args):
-    """Step 4: E epochs of MoCo with feature fusion on one client; returns (mean loss, images, ptr)."""
+def local_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args, watch=False):
+    """Step 4: E epochs of MoCo with feature fusion on one client; returns (mean loss, images, ptr,
+    mean diagnostics or None); the diagnostics are computed only when `watch` (evaluation rounds)."""
     opt = common.make_optimizer(model.parameters(), args)
     loss_sum, steps, images = torch.zeros((), device=run.device), 0, 0
+    diag = torch.zeros(3, device=run.device) if watch else None
     for _ in range(args.local_epochs):
         for b in run.batches(idx):
             v1, v2 = run.two_views(b)
-            q = model(v1)                                        # queries: online encoder theta
+            q1 = model(v1)                                       # queries: online encoder theta
+            q2 = model(v2) if args.symmetric else None
             with torch.no_grad():
                 common.ema_update(key_enc, model, args.momentum)  # xi <- m xi + (1 - m) theta
-                k = F.normalize(key_enc(v2), dim=1)               # positive keys k+: momentum encoder xi
-            loss = ff_loss(q, k, queue, remote_feats, args.tau)   # L_FF
+                k2 = F.normalize(key_enc(v2), dim=1)              # positive keys k+: momentum encoder xi
+                k1 = F.normalize(key_enc(v1), dim=1) if args.symmetric else None
+            loss = ff_loss(q1, k2, queue, remote_feats, args.tau)  # L_FF
+            if args.symmetric:    # [code] FedU/FedEMA, EasyFL, MocoSFL: view 2 is a query too (they sum)
+                loss = (loss + ff_loss(q2, k1, queue, remote_feats, args.tau)) / 2
+            if watch:
+                diag += diagnostics(q1.detach(), k2, queue, remote_feats, args.tau)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            enqueue(queue_y, ptr, run.data.train_y[b])          # diagnostic only: the keys' labels
-            ptr = enqueue(queue, ptr, k)                         # local keys only: never remote ones
+            keys, y = (torch.cat([k2, k1]), run.data.train_y[b].repeat(2)) if args.symmetric else (k2, run.data.train_y[b])
+            enqueue(queue_y, ptr, y)                             # diagnostic only: the keys' labels
+            ptr = enqueue(queue, ptr, keys)                      # local keys only: never remote ones
             loss_sum += loss.detach()
             steps, images = steps + 1, images + 2 * len(b)
-    return loss_sum / max(steps, 1), images, ptr
+    return loss_sum / max(steps, 1), images, ptr, (diag / max(steps, 1) if watch else None)
 
 
 @torch.no_grad()
@@ -182,14 +207,14 @@ def main():
     for rnd in run.rounds(state):
         picked = run.sample_clients()
         new_feats, new_y, new_counts = torch.zeros_like(feats), torch.full_like(feat_y, -1), torch.zeros_like(counts)
-        states, losses, images, fn, down_rows = [], [], 0, [], 0
+        states, losses, images, fn, diags, down_rows = [], [], 0, [], [], 0
         for c in picked:                                          # clients train in turn
             worker.load_state_dict(model.state_dict())            # step 3: download the global model
             key_enc.load_state_dict(model.state_dict())           #   (online and momentum encoder)
             rows = remote_rows(counts, args.remote_features, c, args.remote_bank)       # step 3: download the remote features
             remote_feats = feats.flatten(0, 1)[rows]
-            loss, imgs, ptr = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]),
-                                           remote_feats, run, run.clients[c], args)
+            loss, imgs, ptr, dg = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]), remote_feats,
+                                               run, run.clients[c], args, watch=run.is_eval_round(rnd))
             ptrs[c] = ptr
             z, pick = upload_features(key_enc, run, run.clients[c], args.remote_features)   # step 1
             if z is not None:
@@ -198,6 +223,7 @@ def main():
             losses.append(loss)
             images, down_rows = images + imgs, down_rows + len(rows)
             if run.is_eval_round(rnd):
+                diags.append(dg)
                 fn.append(fn_ratio(run.data.train_y[run.clients[c]], queue_y[c],
                                    feat_y.flatten()[rows], run.data.num_classes))
         weights = run.sizes[picked] if args.weighted else None
@@ -209,6 +235,8 @@ def main():
         if fn:
             comm.update(fn_ratio_local=torch.stack([f[0] for f in fn]).mean(),
                         fn_ratio_fused=torch.stack([f[1] for f in fn]).mean())
+            beats_queue, beats_batch, mass = torch.stack(diags).mean(0)
+            comm.update(pos_beats_queue=beats_queue, pos_beats_batch=beats_batch, remote_mass=mass)
         run.log(rnd, loss=torch.stack(losses).mean(), images=images, encoder=model.encoder, **comm)
     last = run.history[-1]
     run.finish(model.encoder, **{k: v for k, v in last.items() if k.startswith("fn_ratio") or "bytes" in k})

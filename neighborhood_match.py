@@ -71,14 +71,20 @@ class Args(common.RunArgs):
     """|Q_r|: rows of the other clients' features a client downloads (0 = all of them)"""
     weighted: bool = True
     """FedAvg weights clients by their number of images (false: unweighted mean)"""
+    symmetric: bool = True
+    """both views serve as query, the loss is the mean of the two (false: MoCo v2's view-1 query only)"""
     nm_weight: float = 0.1
     """lambda in L = L_FF + lambda L_NM (0 = no neighborhood matching)"""
     tau_nm: float = 0.05
     """temperature of the neighbourhood softmax p_ij"""
     nm_warmup: float = 0.1
     """NM is off for this fraction of the rounds (early features are near random)"""
-    nm_local: bool = False
-    """the neighbour set N also contains the local queue Q_l (default: Q_r only)"""
+    nm_form: str = "entropy"
+    """entropy (DANCE-style soft-neighbourhood entropy) | fcl (top-k neighbours of the key as positives, FCL)"""
+    nm_topk: int = 5
+    """--nm-form fcl: neighbours of each key in N used as extra positives"""
+    nm_local: bool = True
+    """the neighbour set N is Q_r AND the local queue Q_l (false: Q_r only)"""
 
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="iid",
                                  rounds=100, local_epochs=5, batch_size=256, optimizer="sgd", lr=0.06,
@@ -99,6 +105,10 @@ class Args(common.RunArgs):
                         f"(got {self.remote_features}, {self.remote_bank})")
         if self.nm_weight < 0 or self.tau_nm <= 0:
             common.fail(f"--nm-weight must be >= 0 and --tau-nm > 0 (got {self.nm_weight}, {self.tau_nm})")
+        if self.nm_form not in ("entropy", "fcl"):
+            common.fail(f"--nm-form must be one of entropy, fcl (got {self.nm_form!r})")
+        if self.nm_topk < 1:
+            common.fail(f"--nm-topk must be at least 1 (got {self.nm_topk})")
         if not 0 <= self.nm_warmup <= 1:
             common.fail(f"--nm-warmup must be in [0, 1] (got {self.nm_warmup})")
 
@@ -126,12 +136,45 @@ def ff_loss(q, k, local_queue, remote_feats, tau):
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+@torch.no_grad()
+def diagnostics(q, k, local_queue, remote_feats, tau):
+    """Label-free monitor of L_FF: the share of queries whose positive beats every queue row, the share
+    whose positive beats every other key of the batch, and the softmax mass on the remote rows."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    pos = (q * k).sum(1)
+    in_batch = (q @ k.t()).fill_diagonal_(float("-inf"))
+    remote = remote_feats if remote_feats is not None else q[:0]
+    logits = torch.cat([pos[:, None], q @ local_queue.t(), q @ remote.t()], dim=1) / tau
+    mass = logits.softmax(1)[:, 1 + len(local_queue):].sum(1)
+    return torch.stack([(pos > (q @ local_queue.t()).max(1).values).float().mean(),
+                        (pos > in_batch.max(1).values).float().mean(), mass.mean()])
+
+
 def nm_loss(q, neighbours, tau_nm):
     """Neighborhood matching: entropy of each query's soft assignment to the (normalised) neighbours."""
     if neighbours is None or len(neighbours) == 0:
         return torch.zeros((), device=q.device)
     log_p = F.log_softmax(F.normalize(q, dim=1) @ neighbours.detach().t() / tau_nm, dim=1)
     return -(log_p.exp() * log_p).sum(1).mean()   # L_NM = -(1/B) sum_i sum_j p_ij log p_ij
+
+
+def nm_fcl_loss(q, k, neighbours, topk, tau):
+    """Neighborhood matching, FCL form: the top-k neighbours of each key k_i in N are extra positives
+    of its query, contrasted against k_i and all of N."""
+    if neighbours is None or len(neighbours) == 0:
+        return torch.zeros((), device=q.device)
+    q, k, n = F.normalize(q, dim=1), F.normalize(k.detach(), dim=1), neighbours.detach()
+    log_p = F.log_softmax(torch.cat([(q * k).sum(1, keepdim=True), q @ n.t()], dim=1) / tau, dim=1)
+    matched = (k @ n.t()).topk(min(topk, len(n)), dim=1).indices + 1     # +1: column 0 is k_i itself
+    # L_NM = -(1/B) sum_i (1/|P_i|) sum_{p in P_i} log( e^{q_i.p/tau} / (e^{q_i.k_i/tau} + sum_{n in N} e^{q_i.n/tau}) )
+    return -log_p.gather(1, matched).mean()
+
+
+def nm_term(q, k, neighbours, args):
+    """L_NM of --nm-form for queries q with keys k."""
+    if args.nm_form == "fcl":
+        return nm_fcl_loss(q, k, neighbours, args.nm_topk, args.tau)
+    return nm_loss(q, neighbours, args.tau_nm)
 
 
 @torch.no_grad()
@@ -154,29 +197,39 @@ def remote_rows(counts, m, c, size):
     return rows
 
 
-def local_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args, lam):
+def local_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args, lam, watch=False):
     """Step 4: E epochs of MoCo with feature fusion and neighborhood matching (weight lam) on one
-    client; returns (mean loss, mean L_NM, images, ptr)."""
+    client; returns (mean loss, mean L_NM, images, ptr, mean diagnostics or None); the diagnostics
+    are computed only when `watch` (evaluation rounds)."""
     opt = common.make_optimizer(model.parameters(), args)
     loss_sum, nm_sum, steps, images = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0, 0
+    diag = torch.zeros(3, device=run.device) if watch else None
     for _ in range(args.local_epochs):
         for b in run.batches(idx):
             v1, v2 = run.two_views(b)
-            q = model(v1)                                        # queries: online encoder theta
+            q1 = model(v1)                                       # queries: online encoder theta
+            q2 = model(v2) if args.symmetric else None
             with torch.no_grad():
                 common.ema_update(key_enc, model, args.momentum)  # xi <- m xi + (1 - m) theta
-                k = F.normalize(key_enc(v2), dim=1)               # positive keys k+: momentum encoder xi
-            neighbours = remote_feats if not args.nm_local else torch.cat([remote_feats, queue])
-            l_nm = nm_loss(q, neighbours, args.tau_nm)            # L_NM
-            loss = ff_loss(q, k, queue, remote_feats, args.tau) + lam * l_nm   # L = L_FF + lambda L_NM
+                k2 = F.normalize(key_enc(v2), dim=1)              # positive keys k+: momentum encoder xi
+                k1 = F.normalize(key_enc(v1), dim=1) if args.symmetric else None
+            neighbours = torch.cat([remote_feats, queue]) if args.nm_local else remote_feats
+            l_ff, l_nm = ff_loss(q1, k2, queue, remote_feats, args.tau), nm_term(q1, k2, neighbours, args)
+            if args.symmetric:    # [code] FedU/FedEMA, EasyFL, MocoSFL: view 2 is a query too (they sum)
+                l_ff = (l_ff + ff_loss(q2, k1, queue, remote_feats, args.tau)) / 2
+                l_nm = (l_nm + nm_term(q2, k1, neighbours, args)) / 2
+            loss = l_ff + lam * l_nm                              # L = L_FF + lambda L_NM
+            if watch:
+                diag += diagnostics(q1.detach(), k2, queue, remote_feats, args.tau)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            enqueue(queue_y, ptr, run.data.train_y[b])          # diagnostic only: the keys' labels
-            ptr = enqueue(queue, ptr, k)                         # local keys only: never remote ones
+            keys, y = (torch.cat([k2, k1]), run.data.train_y[b].repeat(2)) if args.symmetric else (k2, run.data.train_y[b])
+            enqueue(queue_y, ptr, y)                             # diagnostic only: the keys' labels
+            ptr = enqueue(queue, ptr, keys)                      # local keys only: never remote ones
             loss_sum, nm_sum = loss_sum + loss.detach(), nm_sum + l_nm.detach()
             steps, images = steps + 1, images + 2 * len(b)
-    return loss_sum / max(steps, 1), nm_sum / max(steps, 1), images, ptr
+    return loss_sum / max(steps, 1), nm_sum / max(steps, 1), images, ptr, (diag / max(steps, 1) if watch else None)
 
 
 @torch.no_grad()
@@ -213,15 +266,15 @@ def main():
     for rnd in run.rounds(state):
         picked = run.sample_clients()
         new_feats, new_y, new_counts = torch.zeros_like(feats), torch.full_like(feat_y, -1), torch.zeros_like(counts)
-        states, losses, nms, images, fn, down_rows = [], [], [], 0, [], 0
+        states, losses, nms, images, fn, diags, down_rows = [], [], [], 0, [], [], 0
         lam = args.nm_weight if rnd > args.nm_warmup * args.rounds else 0.0   # NM after the warm-up
         for c in picked:                                          # clients train in turn
             worker.load_state_dict(model.state_dict())            # step 3: download the global model
             key_enc.load_state_dict(model.state_dict())           #   (online and momentum encoder)
             rows = remote_rows(counts, args.remote_features, c, args.remote_bank)       # step 3: download the remote features
             remote_feats = feats.flatten(0, 1)[rows]
-            loss, nm, imgs, ptr = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]),
-                                               remote_feats, run, run.clients[c], args, lam)
+            loss, nm, imgs, ptr, dg = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]), remote_feats,
+                                                   run, run.clients[c], args, lam, watch=run.is_eval_round(rnd))
             ptrs[c] = ptr
             z, pick = upload_features(key_enc, run, run.clients[c], args.remote_features)   # step 1
             if z is not None:
@@ -230,6 +283,7 @@ def main():
             losses.append(loss), nms.append(nm)
             images, down_rows = images + imgs, down_rows + len(rows)
             if run.is_eval_round(rnd):
+                diags.append(dg)
                 fn.append(fn_ratio(run.data.train_y[run.clients[c]], queue_y[c],
                                    feat_y.flatten()[rows], run.data.num_classes))
         weights = run.sizes[picked] if args.weighted else None
@@ -241,6 +295,8 @@ def main():
         if fn:
             comm.update(fn_ratio_local=torch.stack([f[0] for f in fn]).mean(),
                         fn_ratio_fused=torch.stack([f[1] for f in fn]).mean())
+            beats_queue, beats_batch, mass = torch.stack(diags).mean(0)
+            comm.update(pos_beats_queue=beats_queue, pos_beats_batch=beats_batch, remote_mass=mass)
         run.log(rnd, loss=torch.stack(losses).mean(), images=images, encoder=model.encoder,
                 loss_nm=torch.stack(nms).mean(), nm_weight=lam, **comm)
     last = run.history[-1]

@@ -141,7 +141,7 @@ def one_step(mod, remote, **kw):
 
 
 def test_without_remote_features_one_step_is_fedavg_moco():
-    model, queue, queue_y, (loss, images, ptr) = one_step(ff, torch.zeros(0, 16))
+    model, queue, queue_y, (loss, images, ptr, _) = one_step(ff, torch.zeros(0, 16), symmetric=False)
     torch.manual_seed(0)                                 # the same step written as plain MoCo v2
     ref = ff.MoCo(common.SmallCNN(1), 16)
     key = copy.deepcopy(ref)
@@ -173,11 +173,11 @@ def test_remote_features_change_the_update_but_never_enter_the_queue(mod):
 
 def test_nm_weight_zero_is_feature_fusion():
     remote = unit(10, 16, seed=9).float()
-    m_ff, q_ff, _, (l_ff, _, _) = one_step(ff, remote)
+    m_ff, q_ff, _, (l_ff, _, _, _) = one_step(ff, remote)
     torch.manual_seed(0)
     model = nm.MoCo(common.SmallCNN(1), 16)
-    args, queue = nm.Args(optimizer="sgd", lr=0.1, momentum=0.9), unit(32, 16, seed=7).float()
-    l_nm, ent, _, _ = nm.local_update(model, copy.deepcopy(model), queue, torch.full((32,), -1), 30, remote,
+    args, queue = nm.Args(optimizer="sgd", lr=0.1, momentum=0.9, nm_local=False), unit(32, 16, seed=7).float()
+    l_nm, ent, _, _, _ = nm.local_update(model, copy.deepcopy(model), queue, torch.full((32,), -1), 30, remote,
                                       StubRun(), torch.arange(8), args, 0.0)
     assert l_nm.item() == pytest.approx(l_ff.item(), rel=1e-6) and 0 < ent.item() <= math.log(10) + 1e-6
     for a, b in zip(model.parameters(), m_ff.parameters()):
@@ -237,3 +237,197 @@ def test_neighborhood_match_end_to_end(out):
 def test_bad_flags_exit_2(out, script, flag, value, needle):
     proc, _ = run_script(script, *TINY, flag, value, out=out)
     assert_bad_input(proc, out, needle)
+
+
+# --- symmetric loss, neighborhood matching (FCL form), diagnostics ---------------------------------
+
+def nm_fcl_loop(q, k, neighbours, topk, tau):
+    """-(1/k) sum over the k neighbours p of k_i nearest to it of log(e^{q.p/t} / (e^{q.k_i/t} + sum_N e^{q.n/t}))."""
+    total = 0.0
+    for qi, ki in zip(q.tolist(), k.tolist()):
+        qn, kn = math.sqrt(sum(x * x for x in qi)), math.sqrt(sum(x * x for x in ki))
+        dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+        ns = neighbours.tolist()
+        nearest = sorted(range(len(ns)), key=lambda j: -dot(ki, ns[j]))[:topk]       # brute force
+        den = math.exp(dot(qi, ki) / qn / kn / tau) + sum(math.exp(dot(qi, n) / qn / tau) for n in ns)
+        total += -sum(math.log(math.exp(dot(qi, ns[j]) / qn / tau) / den) for j in nearest) / len(nearest)
+    return total / len(q)
+
+
+@pytest.mark.parametrize("topk", [1, 3, 20])
+def test_nm_fcl_loss_matches_loop_reference(topk):
+    q, k, neighbours = 2 * torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), unit(13, 8, seed=6)
+    got = nm.nm_fcl_loss(q, k, neighbours, topk, 0.2).item()
+    assert got == pytest.approx(nm_fcl_loop(q, k, neighbours, topk, 0.2), rel=1e-9)
+    assert nm.nm_fcl_loss(q, k, neighbours[:0], topk, 0.2).item() == 0
+
+
+def test_nm_fcl_positives_are_the_neighbours_of_the_key_not_of_the_query():
+    # q sits on n_0, k sits on n_1: the loss must treat n_1 as the positive (low loss when q moves to n_1)
+    n = torch.eye(4, dtype=torch.float64)
+    k = n[1:2]
+    on_key, on_other = nm.nm_fcl_loss(n[1:2], k, n, 1, 0.1), nm.nm_fcl_loss(n[0:1], k, n, 1, 0.1)
+    assert on_key < on_other - 5
+
+
+def diagnostics_loop(q, k, queue, remote, tau):
+    qs = F.normalize(q, dim=1).tolist()
+    ks, qu, re = F.normalize(k, dim=1).tolist(), queue.tolist(), remote.tolist()
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+    bq = bb = mass = 0.0
+    for i, qi in enumerate(qs):
+        pos = dot(qi, ks[i])
+        bq += all(pos > dot(qi, n) for n in qu)
+        bb += all(pos > dot(qi, kj) for j, kj in enumerate(ks) if j != i)
+        e_r = sum(math.exp(dot(qi, r) / tau) for r in re)
+        mass += e_r / (math.exp(pos / tau) + sum(math.exp(dot(qi, n) / tau) for n in qu) + e_r)
+    return [bq / len(qs), bb / len(qs), mass / len(qs)]
+
+
+@pytest.mark.parametrize("mod", [ff, nm])
+def test_diagnostics_match_loop_reference(mod):
+    q, k = torch.randn(7, 8, dtype=torch.float64), torch.randn(7, 8, dtype=torch.float64)
+    k[:3] = q[:3] + 0.05 * k[:3]                  # some positives close to their query, so both shares lie in (0, 1)
+    queue, remote = unit(5, 8, seed=10), unit(4, 8, seed=11)
+    got = mod.diagnostics(q, k, queue, remote, 0.2).tolist()
+    assert got == pytest.approx(diagnostics_loop(q, k, queue, remote, 0.2), rel=1e-6)   # shares counted in float32
+    assert 0 < got[0] < 1 and 0 < got[1] < 1
+    assert mod.diagnostics(q, k, queue, remote[:0], 0.2)[2].item() == 0
+
+
+def test_symmetric_step_is_both_views_as_query_and_enqueues_both_keys():
+    model, queue, queue_y, (loss, images, ptr, _) = one_step(ff, torch.zeros(0, 16))   # symmetric by default
+    torch.manual_seed(0)                                 # the same step written out by hand
+    ref = ff.MoCo(common.SmallCNN(1), 16)
+    key = copy.deepcopy(ref)
+    opt, run = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6), StubRun()
+    q1, q2 = ref(run.v1), ref(run.v2)
+    common.ema_update(key, ref, 0.9)
+    with torch.no_grad():
+        k2, k1 = F.normalize(key(run.v2), dim=1), F.normalize(key(run.v1), dim=1)
+    bank = unit(32, 16, seed=7).float()
+    ref_loss = (common.info_nce(q1, k2, bank, 0.1) + common.info_nce(q2, k1, bank, 0.1)) / 2
+    opt.zero_grad()
+    ref_loss.backward()
+    opt.step()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5) and images == 16 and ptr == (30 + 16) % 32
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+    rows = [(30 + i) % 32 for i in range(16)]
+    torch.testing.assert_close(queue[rows], torch.cat([k2, k1]))
+    assert queue_y[rows].tolist() == (torch.arange(8) % 3).repeat(2).tolist()
+    torch.testing.assert_close(queue[14:30], unit(32, 16, seed=7).float()[14:30])   # the other rows untouched
+
+
+@pytest.mark.parametrize("form", ["entropy", "fcl"])
+@pytest.mark.parametrize("local", [True, False])
+def test_nm_step_adds_lambda_times_the_matching_loss_over_local_and_remote(form, local):
+    remote, lam = unit(10, 16, seed=9).float(), 0.5
+    kw = dict(nm_form=form, nm_local=local, nm_topk=3)
+    torch.manual_seed(0)
+    model = nm.MoCo(common.SmallCNN(1), 16)
+    args, queue = nm.Args(optimizer="sgd", lr=0.1, momentum=0.9, **kw), unit(32, 16, seed=7).float()
+    loss, l_nm, _, _, _ = nm.local_update(model, copy.deepcopy(model), queue, torch.full((32,), -1), 30, remote,
+                                          StubRun(), torch.arange(8), args, lam)
+    torch.manual_seed(0)                                 # by hand, with the loop-checked loss functions
+    ref = nm.MoCo(common.SmallCNN(1), 16)
+    key = copy.deepcopy(ref)
+    opt, run, bank = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6), StubRun(), unit(32, 16, seed=7).float()
+    q1, q2 = ref(run.v1), ref(run.v2)
+    common.ema_update(key, ref, 0.9)
+    with torch.no_grad():
+        k2, k1 = F.normalize(key(run.v2), dim=1), F.normalize(key(run.v1), dim=1)
+    neighbours = torch.cat([remote, bank]) if local else remote
+    match = (lambda q, k: nm.nm_fcl_loss(q, k, neighbours, 3, 0.1)) if form == "fcl" else \
+        (lambda q, k: nm.nm_loss(q, neighbours, 0.05))
+    ref_nm = (match(q1, k2) + match(q2, k1)) / 2
+    ref_loss = (nm.ff_loss(q1, k2, bank, remote, 0.1) + nm.ff_loss(q2, k1, bank, remote, 0.1)) / 2 + lam * ref_nm
+    opt.zero_grad()
+    ref_loss.backward()
+    opt.step()
+    assert l_nm.item() == pytest.approx(ref_nm.item(), rel=1e-5) and loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+# --- the round loop, recorded in process: write-backs, aggregation, per-client state ---------------
+
+LOOP = ["--train-size", "300", "--test-size", "100", "--clients", "3", "--partition", "dirichlet", "--alpha", "0.5",
+        "--rounds", "2", "--batch-size", "32", "--eval-every", "1", "--probe-epochs", "1", "--width", "8",
+        "--device", "cpu", "--queue-size", "60", "--remote-features", "16", "--remote-bank", "0", "--proj-dim", "16"]
+
+
+def record_rounds(mod, monkeypatch, tmp_path, *flags):
+    """Run mod.main() in this process with every client update and upload recorded (inputs and outputs)."""
+    import sys
+    rec = dict(calls=[], uploads=[])
+    real_start, real_update, real_upload = common.start, mod.local_update, mod.upload_features
+    clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}
+
+    def start(cls, argv=None):
+        args, run = real_start(cls, argv)
+        rec["run"] = run
+        return args, run
+
+    def update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args, *rest, **kw):
+        call = dict(model=clone(model.state_dict()), key=clone(key_enc.state_dict()), queue=queue.clone(), ptr=ptr,
+                    remote=remote_feats.clone(), idx=idx.clone(), rest=rest, watch=kw.get("watch"))
+        out = real_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args, *rest, **kw)
+        call.update(out_model=clone(model.state_dict()), out_queue=queue.clone(), out_ptr=out[-2])
+        rec["calls"].append(call)
+        return out
+
+    def upload(key_enc, run, idx, m):
+        z, pick = real_upload(key_enc, run, idx, m)
+        rec["uploads"].append(dict(idx=idx.clone(), z=z.clone(), pick=pick.clone()))
+        return z, pick
+
+    monkeypatch.setattr(common, "start", start)
+    monkeypatch.setattr(mod, "local_update", update)
+    monkeypatch.setattr(mod, "upload_features", upload)
+    monkeypatch.setattr(sys, "argv", [f"{mod.__name__}.py", *LOOP, *flags, "--out", str(tmp_path)])
+    mod.main()
+    return rec
+
+
+def weighted_average(states, sizes):
+    w = [s / sum(sizes) for s in sizes]
+    out = {}
+    for key, ref in states[0].items():
+        avg = sum(wi * st[key].double() for wi, st in zip(w, states))
+        out[key] = avg if ref.is_floating_point() else avg.round()
+    return out
+
+
+@pytest.mark.parametrize("mod", [ff, nm])
+def test_round_loop_downloads_aggregates_and_keeps_each_clients_queue(mod, monkeypatch, tmp_path):
+    rec = record_rounds(mod, monkeypatch, tmp_path, *(["--nm-warmup", "0.5", "--nm-weight", "0.3"] if mod is nm else []))
+    run, calls, ups = rec["run"], rec["calls"], rec["uploads"]
+    n = 3
+    assert len(calls) == 2 * n and len(ups) == 2 * n
+    sizes = [len(c) for c in run.clients]
+    assert len(set(sizes)) > 1                                   # unequal clients: weighting matters
+    first, second = calls[:n], calls[n:]
+    avg = weighted_average([c["out_model"] for c in first], sizes)
+    for r, rnd in enumerate((first, second)):
+        for c, call in enumerate(rnd):
+            assert torch.equal(call["idx"], run.clients[c])      # client c trains on its own images
+            assert torch.equal(ups[r * n + c]["idx"], run.clients[c])
+            for key in call["model"]:                            # online and momentum encoder = the global model
+                torch.testing.assert_close(call["key"][key], call["model"][key])
+                expected = first[0]["model"][key] if r == 0 else avg[key].to(call["model"][key].dtype)
+                torch.testing.assert_close(call["model"][key], expected, rtol=1e-5, atol=1e-6)
+            assert call["watch"] is True                         # --eval-every 1: diagnostics every round
+    for c in range(n):                                           # the queue and its pointer carry over rounds
+        assert first[c]["ptr"] == 0 and second[c]["ptr"] == first[c]["out_ptr"] != 0
+        torch.testing.assert_close(second[c]["queue"], first[c]["out_queue"])
+        assert not torch.equal(first[c]["out_queue"], first[c]["queue"])
+        assert len(first[c]["remote"]) == 0                      # round 1: nothing uploaded yet
+        others = torch.cat([ups[j]["z"] for j in range(n) if j != c])   # round 2: all the others' uploads, no own row
+        torch.testing.assert_close(second[c]["remote"], others)
+    if mod is nm:                                                # lambda follows the warm-up schedule
+        assert [call["rest"][0] for call in calls] == [0.0] * n + [0.3] * n
+    metrics = read_run(next(tmp_path.glob("*/")))[1]
+    assert metrics[0]["remote_mass"] == 0 < metrics[1]["remote_mass"] < 1
+    for m in metrics:
+        assert 0 <= m["pos_beats_queue"] <= 1 and 0 <= m["pos_beats_batch"] <= 1
