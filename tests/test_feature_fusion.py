@@ -116,14 +116,16 @@ def test_fn_ratio_counts_same_class_negatives():
 class StubRun:
     """Just enough of common.Run for local_update: one fixed batch with fixed views."""
 
-    def __init__(self, n=8):
+    def __init__(self, n=8, steps=1):
         g = torch.Generator().manual_seed(0)
+        self.steps = steps
         self.device = torch.device("cpu")
         self.v1, self.v2 = torch.randn(n, 1, 28, 28, generator=g), torch.randn(n, 1, 28, 28, generator=g)
         self.data = SimpleNamespace(train_y=torch.arange(n) % 3)
 
     def batches(self, idx):
-        yield idx
+        for _ in range(self.steps):
+            yield idx
 
     def two_views(self, b):
         return self.v1[b], self.v2[b]
@@ -233,6 +235,8 @@ def test_neighborhood_match_end_to_end(out):
     ("feature_fusion.py", "--momentum", "1", "--momentum"),
     ("neighborhood_match.py", "--nm-warmup", "2", "--nm-warmup"),
     ("neighborhood_match.py", "--tau-nm", "0", "--tau-nm"),
+    ("neighborhood_match.py", "--nm-form", "topk", "--nm-form"),
+    ("neighborhood_match.py", "--nm-topk", "0", "--nm-topk"),
 ])
 def test_bad_flags_exit_2(out, script, flag, value, needle):
     proc, _ = run_script(script, *TINY, flag, value, out=out)
@@ -295,28 +299,40 @@ def test_diagnostics_match_loop_reference(mod):
     assert mod.diagnostics(q, k, queue, remote[:0], 0.2)[2].item() == 0
 
 
-def test_symmetric_step_is_both_views_as_query_and_enqueues_both_keys():
-    model, queue, queue_y, (loss, images, ptr, _) = one_step(ff, torch.zeros(0, 16))   # symmetric by default
-    torch.manual_seed(0)                                 # the same step written out by hand
+def test_symmetric_steps_use_both_views_as_query_enqueue_both_keys_and_move_the_momentum_encoder():
+    torch.manual_seed(0)
+    model = ff.MoCo(common.SmallCNN(1), 16)
+    key_enc, args = copy.deepcopy(model), ff.Args(optimizer="sgd", lr=0.1, momentum=0.9)   # symmetric by default
+    queue, queue_y = unit(32, 16, seed=7).float(), torch.full((32,), -1)
+    loss, images, ptr, _ = ff.local_update(model, key_enc, queue, queue_y, 30, torch.zeros(0, 16),
+                                           StubRun(steps=2), torch.arange(8), args)
+    torch.manual_seed(0)                                 # the same two steps written out by hand
     ref = ff.MoCo(common.SmallCNN(1), 16)
     key = copy.deepcopy(ref)
     opt, run = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6), StubRun()
-    q1, q2 = ref(run.v1), ref(run.v2)
-    common.ema_update(key, ref, 0.9)
-    with torch.no_grad():
-        k2, k1 = F.normalize(key(run.v2), dim=1), F.normalize(key(run.v1), dim=1)
-    bank = unit(32, 16, seed=7).float()
-    ref_loss = (common.info_nce(q1, k2, bank, 0.1) + common.info_nce(q2, k1, bank, 0.1)) / 2
-    opt.zero_grad()
-    ref_loss.backward()
-    opt.step()
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5) and images == 16 and ptr == (30 + 16) % 32
-    for a, b in zip(model.parameters(), ref.parameters()):
+    bank, losses, keys = unit(32, 16, seed=7).float(), [], []
+    for step in range(2):
+        q1, q2 = ref(run.v1), ref(run.v2)
+        with torch.no_grad():                            # xi <- 0.9 xi + 0.1 theta (a no-op at step 1: xi = theta)
+            for pk, pr in zip(key.parameters(), ref.parameters()):
+                pk.mul_(0.9).add_(0.1 * pr)
+            for bk, br in zip(key.buffers(), ref.buffers()):
+                bk.copy_(br)
+            k2, k1 = F.normalize(key(run.v2), dim=1), F.normalize(key(run.v1), dim=1)
+        ref_loss = (common.info_nce(q1, k2, bank, 0.1) + common.info_nce(q2, k1, bank, 0.1)) / 2
+        opt.zero_grad()
+        ref_loss.backward()
+        opt.step()
+        rows = [(30 + 16 * step + i) % 32 for i in range(16)]
+        bank[rows] = torch.cat([k2, k1])
+        losses.append(ref_loss.item())
+        keys.append(torch.cat([k2, k1]))
+    assert loss.item() == pytest.approx(sum(losses) / 2, rel=1e-5) and images == 32 and ptr == (30 + 32) % 32
+    for a, b in zip(list(model.parameters()) + list(key_enc.parameters()), list(ref.parameters()) + list(key.parameters())):
         torch.testing.assert_close(a, b)
-    rows = [(30 + i) % 32 for i in range(16)]
-    torch.testing.assert_close(queue[rows], torch.cat([k2, k1]))
-    assert queue_y[rows].tolist() == (torch.arange(8) % 3).repeat(2).tolist()
-    torch.testing.assert_close(queue[14:30], unit(32, 16, seed=7).float()[14:30])   # the other rows untouched
+    torch.testing.assert_close(queue, bank)              # 32 keys into 32 rows: the second step overwrote the first
+    torch.testing.assert_close(queue[[(30 + 16 + i) % 32 for i in range(16)]], keys[1])
+    assert queue_y.tolist() == (torch.arange(8) % 3).repeat(4).roll(30).tolist()
 
 
 @pytest.mark.parametrize("form", ["entropy", "fcl"])
