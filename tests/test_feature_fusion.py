@@ -337,33 +337,40 @@ def test_symmetric_steps_use_both_views_as_query_enqueue_both_keys_and_move_the_
 
 @pytest.mark.parametrize("form", ["entropy", "fcl"])
 @pytest.mark.parametrize("local", [True, False])
-def test_nm_step_adds_lambda_times_the_matching_loss_over_local_and_remote(form, local):
+def test_nm_steps_add_lambda_times_the_matching_loss_over_local_and_remote(form, local):
     remote, lam = unit(10, 16, seed=9).float(), 0.5
-    kw = dict(nm_form=form, nm_local=local, nm_topk=3)
     torch.manual_seed(0)
     model = nm.MoCo(common.SmallCNN(1), 16)
-    args, queue = nm.Args(optimizer="sgd", lr=0.1, momentum=0.9, **kw), unit(32, 16, seed=7).float()
-    loss, l_nm, _, _, _ = nm.local_update(model, copy.deepcopy(model), queue, torch.full((32,), -1), 30, remote,
-                                          StubRun(), torch.arange(8), args, lam)
-    torch.manual_seed(0)                                 # by hand, with the loop-checked loss functions
+    key_enc, args = copy.deepcopy(model), nm.Args(optimizer="sgd", lr=0.1, momentum=0.9, nm_form=form, nm_local=local, nm_topk=3)
+    queue = unit(32, 16, seed=7).float()
+    loss, l_nm, _, _, _ = nm.local_update(model, key_enc, queue, torch.full((32,), -1), 30, remote,
+                                          StubRun(steps=2), torch.arange(8), args, lam)
+    torch.manual_seed(0)                                 # two steps by hand, with the loop-checked loss functions
     ref = nm.MoCo(common.SmallCNN(1), 16)
     key = copy.deepcopy(ref)
     opt, run, bank = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6), StubRun(), unit(32, 16, seed=7).float()
-    q1, q2 = ref(run.v1), ref(run.v2)
-    common.ema_update(key, ref, 0.9)
-    with torch.no_grad():
-        k2, k1 = F.normalize(key(run.v2), dim=1), F.normalize(key(run.v1), dim=1)
-    neighbours = torch.cat([remote, bank]) if local else remote
-    match = (lambda q, k: nm.nm_fcl_loss(q, k, neighbours, 3, 0.1)) if form == "fcl" else \
-        (lambda q, k: nm.nm_loss(q, neighbours, 0.05))
-    ref_nm = (match(q1, k2) + match(q2, k1)) / 2
-    ref_loss = (nm.ff_loss(q1, k2, bank, remote, 0.1) + nm.ff_loss(q2, k1, bank, remote, 0.1)) / 2 + lam * ref_nm
-    opt.zero_grad()
-    ref_loss.backward()
-    opt.step()
-    assert l_nm.item() == pytest.approx(ref_nm.item(), rel=1e-5) and loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
-    for a, b in zip(model.parameters(), ref.parameters()):
+    totals, matches = [], []
+    for step in range(2):
+        q1, q2 = ref(run.v1), ref(run.v2)
+        common.ema_update(key, ref, 0.9)
+        with torch.no_grad():
+            k2, k1 = F.normalize(key(run.v2), dim=1), F.normalize(key(run.v1), dim=1)
+        neighbours = torch.cat([remote, bank]) if local else remote
+        match = (lambda q, k: nm.nm_fcl_loss(q, k, neighbours, 3, 0.1)) if form == "fcl" else \
+            (lambda q, k: nm.nm_loss(q, neighbours, 0.05))
+        ref_nm = (match(q1, k2) + match(q2, k1)) / 2
+        ref_loss = (nm.ff_loss(q1, k2, bank, remote, 0.1) + nm.ff_loss(q2, k1, bank, remote, 0.1)) / 2 + lam * ref_nm
+        opt.zero_grad()
+        ref_loss.backward()
+        opt.step()
+        bank = bank.clone()
+        bank[[(30 + 16 * step + i) % 32 for i in range(16)]] = torch.cat([k2, k1])
+        totals.append(ref_loss.item()), matches.append(ref_nm.item())
+    assert l_nm.item() == pytest.approx(sum(matches) / 2, rel=1e-5)
+    assert loss.item() == pytest.approx(sum(totals) / 2, rel=1e-5)
+    for a, b in zip(list(model.parameters()) + list(key_enc.parameters()), list(ref.parameters()) + list(key.parameters())):
         torch.testing.assert_close(a, b)
+    torch.testing.assert_close(queue, bank)
 
 
 # --- the round loop, recorded in process: write-backs, aggregation, per-client state ---------------
