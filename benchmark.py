@@ -13,7 +13,8 @@ taken under the same load on the same device:
      simclr  encoder + MLP projector, both views in one batch, NT-Xent          local_cl, fedavg_cl, dec_ssl,
                                                                                 dec_ssl --featarc (+ its align term)
      moco    online encoder + projector on view 1, EMA key encoder on view 2,   feature_fusion, neighborhood_match
-             InfoNCE against a queue (asymmetric), FIFO enqueue                 (queue = |Q_l| + |Q_r| rows)
+             InfoNCE against a queue, FIFO enqueue; with --symmetric (their     (queue = |Q_l| + |Q_r| rows)
+             default) also view 2 as query and both keys enqueued
      sfl     MocoSFL's computation without the split: h_q = C(x_q) with grad,   mocosfl (batch = pool x per-client
              h_k = Cbar(x_k); InfoNCE(S(h_q), Sbar(h_k)) + InfoNCE(S(h_k),      batch, the server's batch; no
              Sbar(h_q)), one queue; GroupNorm + weight standardisation,        per-client weights, no vmap)
@@ -213,6 +214,7 @@ class BareSpec:
     tau: float = 0.2
     queue: int = 0
     momentum: float = 0.99
+    symmetric: bool = False       # moco: both views as query, both keys enqueued (feature_fusion's default)
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 1e-6
@@ -262,10 +264,15 @@ def bare_step(spec: BareSpec, device, fast: bool = False, compile_: bool = False
                                          + (anchor * F.normalize(z2.float(), dim=1)).sum(1).mean())
             elif spec.kind == "moco":
                 q = f_online(v1).float()
+                q2 = f_online(v2).float() if spec.symmetric else None
                 with torch.no_grad():
                     common.ema_update(target, online, spec.momentum)
                     k = F.normalize(f_target(v2).float(), dim=1)
+                    k1 = F.normalize(f_target(v1).float(), dim=1) if spec.symmetric else None
                 loss = common.info_nce(q, k, queue, spec.tau)
+                if spec.symmetric:
+                    loss = (loss + common.info_nce(q2, k1, queue, spec.tau)) / 2
+                    k = torch.cat([k, k1])
             elif spec.kind == "sfl":
                 h_q = client(v1)
                 with torch.no_grad():
@@ -319,7 +326,7 @@ def spec_for(name: str, cfg: dict) -> BareSpec:
         return BareSpec(kind, proj=[a["hidden_dim"], a["proj_dim"] or d], tau=a["tau"], align=a["featarc"], **base)
     if name in ("feature_fusion", "neighborhood_match"):
         return BareSpec(kind, proj=[d, a["proj_dim"]], tau=a["tau"], queue=a["queue_size"] + a["remote_bank"],
-                        momentum=a["momentum"], **base)
+                        momentum=a["momentum"], symmetric=a.get("symmetric", False), **base)
     if name == "mocosfl":
         pool = max(1, round(a["participation"] * a["clients"]))
         base["batch"] = pool * a["batch_size"]                         # the server's batch

@@ -11,7 +11,11 @@ the abstract, introduction and overview figure of the paper could be read, so mu
            downloads the aggregated model and the other clients' features ("remote features"),
            (4) local learning that uses the remote features as extra negatives ("feature fusion").
   [readers' summaries of the paper]  the local learner is MoCo-style (momentum encoder + queue).
-  [reconstruction]  everything else: MoCo v2 details (m=0.99, tau=0.1, MLP head, asymmetric loss,
+  [code]  symmetric loss, as the federated MoCo code of FedU/FedEMA (EasyFL) and MocoSFL does: both
+           views serve as query against the other view's key and both keys enter the queue; they
+           sum the two terms, we average them so the loss reads on the asymmetric loss's scale
+           (--symmetric false: MoCo v2's asymmetric loss, view 1 as query only).
+  [reconstruction]  everything else: MoCo v2 details (m=0.99, tau=TAU_PLACEHOLDER, MLP head,
            random unit-vector queue at start, no shuffle-BN); one local queue per client kept
            across rounds; uploaded features = L2-normalised momentum-encoder projections of M random
            local images, one augmented view each, computed in train mode at the END of local
@@ -28,6 +32,10 @@ Privacy: raw images never leave a client, but its features do (the paper mention
 shared features on mixed images; not done here). Labels are used for one diagnostic only: the
 false-negative ratio (share of a query's negatives with its class), logged on evaluation rounds
 with the local queue only (fn_ratio_local) and with the remote bank added (fn_ratio_fused).
+Label-free diagnostics, also on evaluation rounds (view-1 queries of every local step):
+pos_beats_queue / pos_beats_batch = share of queries whose positive key scores above every row of
+the local queue / every other key of the same batch (queue keys come from older encoders and are
+easier negatives), remote_mass = softmax mass of L_FF on the remote rows.
 
 Run:      python feature_fusion.py                       (10 clients, 2 classes each, Fashion-MNIST)
           python feature_fusion.py --remote-features 0   (fusion off: FedAvg + MoCo, the ablation)

@@ -13,7 +13,11 @@ the abstract, introduction and overview figure of the paper could be read, so mu
            and aligns each client's local features to the remote features so that the features
            of all clients cluster well in one shared space ("neighborhood matching").
   [readers' summaries of the paper]  the local learner is MoCo-style (momentum encoder + queue).
-  [reconstruction]  everything else: MoCo v2 details (m=0.99, tau=0.1, MLP head, asymmetric loss,
+  [code]  symmetric loss, as the federated MoCo code of FedU/FedEMA (EasyFL) and MocoSFL does: both
+           views serve as query against the other view's key and both keys enter the queue; they
+           sum the two terms, we average them so the loss reads on the asymmetric loss's scale
+           (--symmetric false: MoCo v2's asymmetric loss, view 1 as query only).
+  [reconstruction]  everything else: MoCo v2 details (m=0.99, tau=TAU_PLACEHOLDER, MLP head,
            random unit-vector queue at start, no shuffle-BN); one local queue per client kept
            across rounds; uploaded features = L2-normalised momentum-encoder projections of M random
            local images, one augmented view each, computed in train mode at the END of local
@@ -21,12 +25,19 @@ the abstract, introduction and overview figure of the paper could be read, so mu
            keeps them for one round only; a client gets all other participants' features,
            subsampled to --remote-bank rows; online AND momentum encoders restart from the global
            weights every round; the loss L_FF below; FedAvg weighted by sample counts.
-  [reconstruction]  the NM loss: DANCE-style soft neighbourhood entropy (Saito et al., NeurIPS 2020),
-           L_NM = -(1/B) sum_i sum_j p_ij log p_ij with p_ij = softmax_j(q_i . n_j / tau_nm) over the
-           neighbour set N = Q_r (--nm-local adds Q_l); minimising it makes every local feature
-           commit to a few nearby remote features. L = L_FF + lambda L_NM, lambda = 0.1,
-           tau_nm = 0.05, NM off for the first 10% of rounds (early features are near random).
-           Not implemented: the spec's alternative (top-k remote neighbours of the key as positives).
+  [reconstruction]  the NM loss, two forms (--nm-form), both matching against the neighbour set
+           N = Q_r + Q_l (--nm-local false: Q_r only; with 2 classes per client and disjoint
+           classes, remote rows alone hold no feature of the query's class, so remote-only matching
+           can only pull toward other classes):
+           entropy: DANCE-style soft neighbourhood entropy (Saito et al., NeurIPS 2020),
+             L_NM = -(1/B) sum_i sum_j p_ij log p_ij with p_ij = softmax_j(q_i . n_j / tau_nm);
+             minimising it makes every local feature commit to a few nearby features of N.
+           fcl [reconstruction, lineage]: the authors' predecessor FCL (Wu et al., MICCAI 2021) uses
+             remote features of the same neighbourhood as POSITIVES in an InfoNCE; here the top-k
+             (--nm-topk) neighbours P_i of the key k_i in N are positives of q_i:
+             L_NM = -(1/B) sum_i (1/k) sum_{p in P_i} log( e^{q_i.p/tau} / (e^{q_i.k_i/tau} + sum_{n in N} e^{q_i.n/tau}) ).
+           L = L_FF + lambda L_NM, lambda = 0.1, tau_nm = 0.05, NM off for the first 10% of rounds
+           (early features are near random). NM_DEFAULT_PLACEHOLDER
   [reconstruction]  --preset paper: CIFAR-10 and IID are the paper's headline setting (linear probe
            88.90); ResNet-18, 5 clients, 100 rounds x 5 epochs, SGD 0.06, batch 256 and the bank
            sizes are our guesses.
@@ -36,6 +47,7 @@ Privacy: raw images never leave a client, but its features do (the paper mention
 shared features on mixed images; not done here). Labels are used for one diagnostic only: the
 false-negative ratio (share of a query's negatives with its class), logged on evaluation rounds
 with the local queue only (fn_ratio_local) and with the remote bank added (fn_ratio_fused).
+Label-free diagnostics as in feature_fusion.py (pos_beats_queue, pos_beats_batch, remote_mass).
 
 Run:      python neighborhood_match.py                   (10 clients, 2 classes each, Fashion-MNIST)
           python neighborhood_match.py --nm-weight 0     (NM off: feature_fusion.py)
