@@ -34,8 +34,8 @@ false-negative ratio (share of a query's negatives with its class), logged on ev
 with the local queue only (fn_ratio_local) and with the remote bank added (fn_ratio_fused).
 Label-free diagnostics, also on evaluation rounds (view-1 queries of every local step):
 pos_beats_queue / pos_beats_batch = share of queries whose positive key scores above every row of
-the local queue / every other key of the same batch (queue keys come from older encoders and are
-easier negatives), remote_mass = softmax mass of L_FF on the remote rows.
+the local queue / every other key of the same batch (queue keys come from older encoders; the two
+shares tell how hard each set of negatives is), remote_mass = softmax mass of L_FF on the remote rows.
 
 Run:      python feature_fusion.py                       (10 clients, 2 classes each, Fashion-MNIST)
           python feature_fusion.py --remote-features 0   (fusion off: FedAvg + MoCo, the ablation)
