@@ -20,7 +20,7 @@ Run:      python fedavg_cl.py                    (10 clients, 2 classes each, Fa
                                                   FedU/FedEMA setting of Zhuang et al.; for a GPU)
 Recipe, chosen on the validation split only (--holdout 5000: 5,000 training images held out as kNN
 queries, the test set untouched; default budget, seed 0, one run each; random encoder 0.689 / 0.808):
-  crop_min 0.5 instead of common's 0.2 (this file only; local_cl.py was not re-measured and keeps 0.2):
+  crop_min 0.5 instead of common's 0.2 (here and in local_cl.py, the same learner without the server):
     python fedavg_cl.py --holdout 5000 --crop-min C                 C=0.2: kNN 0.718, linear 0.831
                                                                     C=0.5: kNN 0.734, linear 0.833
     python fedavg_cl.py --holdout 5000 --clients 1 --crop-min C     C=0.2: kNN 0.759, linear 0.857
