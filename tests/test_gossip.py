@@ -97,6 +97,17 @@ def test_one_gossip_step_on_complete_is_the_plain_mean_and_common_fedavg():
     assert g.consensus_distance(clients.x) < 1e-10
 
 
+def test_consensus_model_is_the_plain_mean_of_the_clients_and_mixing_keeps_it():
+    models = small_models(4, seed=1)
+    fedavg = common.fedavg([m.state_dict() for m in models], weights=None)
+    clients = stack(models)
+    w = torch.tensor(g.mixing_matrix(g.graph(4, "ring")), dtype=torch.float32)
+    g.gossip(w, clients.x, clients.counts, steps=2)            # doubly stochastic: the average does not move
+    got = clients.load_average().state_dict()
+    for key, ref in fedavg.items():
+        torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_empty_graph_leaves_every_model_unchanged():
     models = small_models(3)
     clients = stack(models)
