@@ -10,8 +10,8 @@ taken under the same load on the same device:
    rounds after the first (the first one warms up allocators).
    Bare step: forward + backward + optimizer step of the same encoder, head and loss at the same batch
    size, on two views already augmented and on the device, written here from common's pieces:
-     simclr  encoder + MLP projector, both views in one batch, NT-Xent          local_cl, fedavg_cl, dec_ssl,
-                                                                                dec_ssl --featarc (+ its align term)
+     simclr  encoder + MLP projector, both views in one batch, NT-Xent          local_cl, fedavg_cl, gossip_cl,
+                                                                                dec_ssl, dec_ssl --featarc (+ its align term)
      moco    online encoder + projector on view 1, EMA key encoder on view 2,   feature_fusion, neighborhood_match
              InfoNCE against a queue, FIFO enqueue; with --symmetric (their     (queue = |Q_l| + |Q_r| rows)
              default) also view 2 as query and both keys enqueued
@@ -73,6 +73,7 @@ ROOT = Path(__file__).resolve().parent
 METHODS = {
     "local_cl": ("local_cl", [], "simclr"),
     "fedavg_cl": ("fedavg_cl", [], "simclr"),
+    "gossip_cl": ("gossip_cl", [], "simclr"),
     "feature_fusion": ("feature_fusion", [], "moco"),
     "neighborhood_match": ("neighborhood_match", [], "moco"),
     "dec_ssl": ("dec_ssl", [], "simclr"),
@@ -320,7 +321,7 @@ def spec_for(name: str, cfg: dict) -> BareSpec:
                 encoder=a["encoder"], width=a["width"], norm=a["norm"], optimizer=a["optimizer"], lr=a["lr"],
                 weight_decay=a["weight_decay"], batch=a["batch_size"])
     d = 512 if a["encoder"] == "resnet18" else 4 * a["width"]
-    if name in ("local_cl", "fedavg_cl"):
+    if name in ("local_cl", "fedavg_cl", "gossip_cl"):
         return BareSpec(kind, proj=[d, a["proj_dim"]], tau=a["tau"], **base)
     if name.startswith("dec_ssl"):
         return BareSpec(kind, proj=[a["hidden_dim"], a["proj_dim"] or d], tau=a["tau"], align=a["featarc"], **base)

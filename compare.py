@@ -20,6 +20,9 @@ image-pass budget: --rounds R x --local-epochs E, i.e. every image of every clie
 round, R x E times in all. Per method (each keeps its own hyper-parameters: optimizer, lr, tau, ...):
   local_cl              R rounds x E local epochs, no server; each client alone; numbers = mean over clients
   fedavg_cl             R x E, FedAvg + SimCLR
+  gossip_ring           R x E, SimCLR clients, no server: one gossip step with the 2 ring neighbours per round;
+                        numbers = mean over the client models
+  gossip_complete       the same on the complete graph: FedAvg with the unweighted mean
   fedavg_moco           R x E, feature_fusion with fusion off: FedAvg + MoCo, the ablation baseline of FF
   feature_fusion        R x E, FedAvg + MoCo with the other clients' features as extra negatives
   neighborhood_match    R x E, feature_fusion + neighbourhood-matching loss
@@ -35,10 +38,10 @@ round, R x E times in all. Per method (each keeps its own hyper-parameters: opti
   random encoder        not a run: summary.json's random_encoder of the fedavg_cl cells (an untrained
                         encoder of the same architecture under the same evaluation)
 
-Run:      python compare.py                   (3 seeds x (3 partitions x 9 rows + centralized) = 84 runs;
+Run:      python compare.py                   (3 seeds x (3 partitions x 11 rows + centralized) = 102 runs;
                                                meant for a GPU with the default --jobs, about 400k
                                                training views per run: hours on a 2-core CPU)
-          python compare.py --quick           (one seed, tiny budget, 28 runs: about 5 minutes on 2 cores)
+          python compare.py --quick           (one seed, tiny budget, 34 runs: a few minutes on 2 cores)
           python compare.py --methods fedavg_cl,mocosfl --partitions classes --seeds 0
 Then copy results/results.md into the README (nothing in it is typed by hand).
 """
@@ -80,6 +83,8 @@ class Row:
 ROWS = {
     "local_cl": Row("local_cl (each client alone; mean over clients)", "local_cl.py"),
     "fedavg_cl": Row("fedavg_cl (FedAvg + SimCLR)", "fedavg_cl.py"),
+    "gossip_ring": Row("gossip_cl ring (no server; mean over clients)", "gossip_cl.py", ("--topology", "ring")),
+    "gossip_complete": Row("gossip_cl complete (= FedAvg unweighted)", "gossip_cl.py", ("--topology", "complete")),
     "fedavg_moco": Row("fedavg_moco (feature_fusion --remote-features 0: FedAvg + MoCo)", "feature_fusion.py",
                        ("--remote-features", "0")),
     "feature_fusion": Row("feature_fusion (CCL: FF)", "feature_fusion.py"),
@@ -99,7 +104,7 @@ class Args:
     quick: bool = False
     """tiny budget and one seed (the whole pipeline in a few minutes on 2 cores); explicit flags override it"""
     methods: str = "all"
-    """comma-separated rows (all = every row): local_cl, fedavg_cl, fedavg_moco, feature_fusion, neighborhood_match,
+    """comma-separated rows (all = every row): local_cl, fedavg_cl, gossip_ring, gossip_complete, fedavg_moco, feature_fusion, neighborhood_match,
     dec_ssl, dec_ssl_featarc, mocosfl, fed_cluster, centralized"""
     partitions: str = "iid,classes,dirichlet"
     """comma-separated columns: iid | classes (--classes-per-client) | dirichlet (--alpha)"""
