@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
+import contextlib
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import inspect
@@ -794,12 +797,49 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class FolderLock:
+    """One process at a time in a folder (a run folder, compare.py's --out): an exclusive flock on
+    FOLDER/.lock, a file naming its holder. The kernel drops a flock when its process ends, however it
+    ends (error, Ctrl-C, kill -9), so a lock file left by a dead process is simply taken over."""
+
+    def __init__(self, folder: Path, user: str):
+        self.path, self.fd = Path(folder) / ".lock", None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                fail(f"{folder} is in use by {holder}; one process at a time per folder (wait for it to end)")
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            os.close(fd)       # the holder released (and removed) the file between our open and flock: retry
+        left = os.read(fd, 200).decode(errors="replace").strip()
+        if left:
+            print(f"note: taking over the lock of {folder} left by {left}, which is no longer running", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({user})\n".encode(), 0)
+        self.fd = fd
+        atexit.register(self.release)      # normal end, sys.exit, an exception; os._exit callers release first
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)       # before closing, so that nobody locks a file about to vanish
+            os.close(self.fd)
+            self.fd = None
+
+
 class Run:
     """Everything a method's round loop needs besides the method: data, clients, augmentation,
     batching, client sampling, logging, evaluation, checkpoints and the summary."""
 
     def __init__(self, args: RunArgs, script: str):
         self.args, self.script = args, script
+        if args.resume:       # a second --resume of a folder in use is refused before any work
+            self.dir, self.lock = Path(args.resume), FolderLock(Path(args.resume), f"{script}.py")
         self.device = _pick_device(args.device)
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
@@ -814,9 +854,9 @@ class Run:
         self.augment = Augment(self.data, args.crop_min)
         self.start_round, self.history, self.elapsed0 = 1, [], 0.0
         self.images_total, self.train_s_total = 0, 0.0
-        self.dir = Path(args.resume) if args.resume else self._new_dir()
-        self.dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:
+            self.dir = self._new_dir()
+            self.lock = FolderLock(self.dir, f"{script}.py")
             self._write_config()
             self._write_partition()
         self._interrupted = False
@@ -832,9 +872,12 @@ class Run:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = Path(self.args.out) / f"{self.script}-{self.args.dataset}-{self.args.partition}-s{self.args.seed}-{stamp}"
         path, i = base, 1
-        while path.exists():
-            path, i = Path(f"{base}-{i}"), i + 1
-        return path
+        while True:
+            try:
+                path.mkdir(parents=True)      # atomic: two runs started in the same second get two folders
+                return path
+            except FileExistsError:
+                path, i = Path(f"{base}-{i}"), i + 1
 
     def _write_config(self):
         try:
@@ -897,6 +940,7 @@ class Run:
     def _on_sigint(self, signum, frame):
         if self._interrupted:    # second Ctrl-C: stop now, the last checkpoint stays
             print(f"\ninterrupted; resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
+            self.lock.release()          # os._exit skips atexit
             os._exit(130)
         self._interrupted = True
         print("\nCtrl-C: stopping after this round (press again to stop now)", file=sys.stderr, flush=True)

@@ -55,7 +55,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -257,9 +256,7 @@ def run_cell(cell: Cell, env: dict) -> tuple:
     partial = cell.run_folder(complete=False)
     if partial is not None:                  # interrupted before: the method's own --resume continues it
         cmd = [sys.executable, cell.flags[0], "--resume", str(partial)]
-    else:
-        for stale in cell.dir.glob("*/"):    # died before its first checkpoint: nothing to keep
-            shutil.rmtree(stale)
+    else:       # a folder without a checkpoint is left alone: compare.py deletes nothing it did not create now
         cmd = [sys.executable, *cell.flags, "--out", str(cell.dir)]
     log = cell.dir / "log.txt"
     t = time.time()
@@ -451,6 +448,11 @@ def main(argv=None):
     jobs = args.jobs or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device.startswith("GPU") else 1)
     out = Path(args.out).resolve()          # the runs are started from the repository root
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        common.FolderLock(out, "compare.py")      # a second compare.py on the same --out (same cells) is refused
+    except common.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     cells = make_cells(args, out / "runs")
     failed = run_all(cells, jobs)
     results = [r for r in map(read_cell, cells) if r is not None]

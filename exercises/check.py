@@ -4,26 +4,36 @@ Every exercise has a list of cases: randomised inputs and the edge cases that ca
 For each case the checker calls the student's function and the project's (the reference) on the
 same inputs and compares what can be observed: the return value, the gradients, and the inputs
 after the call (in-place updates, or arguments that must stay untouched). Random partitions cannot
-be compared entry by entry, so that exercise checks invariants and statistics instead.
-It prints PASS or FAIL per case with the first mismatch, and exits 0 only if every case passes.
+be compared entry by entry, so that exercise checks invariants and statistics instead. An argument the
+function changes in place (which the statements forbid, except for enqueue's queue) fails the case.
+It prints PASS or FAIL per case with the first mismatch (each message once), and exits 0 only if every
+case ran and passed. The command line runs the solution in a child process with a time limit for its
+import and for each case, so sys.exit, KeyboardInterrupt or an endless loop in it fails a case (or, at
+import, ends with an `error:` line and status 2) instead of ending or hanging the checker.
 
     python -m exercises.check nt_xent                        # checks exercises/nt_xent.py
     python exercises/check.py nt_xent --solution my_nt_xent.py
     python -m exercises.check nt_xent --solution reference   # the project's own code (self-test)
     python -m exercises.check --list
 
-From Python (this is how tests/test_exercises.py feeds it right and wrong answers):
+From Python (this is how tests/test_exercises.py feeds it right and wrong answers), in this process:
     from exercises.check import check
     check("nt_xent", my_function)    # -> True or False, and the same report on stdout
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import importlib.util
+import inspect
+import json
 import operator
+import os
+import queue
 import signal
+import subprocess
 import sys
 import threading
 import traceback
@@ -460,7 +470,7 @@ def cluster_acc_cases():
 
 
 # ----------------------------------------------------------------------------------------------
-# The exercises and the command line
+# The exercises
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -470,6 +480,7 @@ class Exercise:
     reference: str     # module.function of the project's own implementation
     title: str
     cases: Callable
+    may_change: tuple = ()     # arguments the function is meant to update in place (enqueue's queue)
 
     def reference_fn(self):
         module, fn = self.reference.rsplit(".", 1)
@@ -481,26 +492,109 @@ EXERCISES = {e.name: e for e in [
     Exercise(2, "fedavg", "common.fedavg", "FedAvg with BatchNorm buffers", fedavg_cases),
     Exercise(3, "dirichlet_partition", "common.dirichlet_partition", "Dirichlet label-skew partition", dirichlet_cases),
     Exercise(4, "ff_loss", "feature_fusion.ff_loss", "feature-fusion loss with remote negatives", ff_loss_cases),
-    Exercise(5, "enqueue", "feature_fusion.enqueue", "MoCo queue update (FIFO ring buffer)", enqueue_cases),
+    Exercise(5, "enqueue", "feature_fusion.enqueue", "MoCo queue update (FIFO ring buffer)", enqueue_cases,
+             may_change=("queue",)),
     Exercise(6, "cluster_acc", "common.cluster_acc", "clustering accuracy with Hungarian matching", cluster_acc_cases),
 ]}
 
 
+# ----------------------------------------------------------------------------------------------
+# Inputs changed in place: every call of the student's function compares its arguments before and after
+# ----------------------------------------------------------------------------------------------
+
+def _snapshot(x):
+    """A copy of x that in-place updates of x cannot reach (tensors detached and cloned, arrays copied,
+    through dicts, lists and tuples); other values (numbers, None, an rng) are kept as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if isinstance(x, Mapping):
+        return {k: _snapshot(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)([_snapshot(v) for v in x]) if type(x) in (list, tuple) else [_snapshot(v) for v in x]
+    return x
+
+
+def _changed(before, after, where: str) -> str | None:
+    """Where (e.g. states[0]['bn.running_mean']) `after` no longer equals its snapshot `before`, or None."""
+    if isinstance(before, Mapping):
+        if not isinstance(after, Mapping) or list(after) != list(before):
+            return where
+        return next((c for k in before if (c := _changed(before[k], after[k], f"{where}[{k!r}]"))), None)
+    if isinstance(before, (list, tuple)):
+        if not isinstance(after, (list, tuple)) or len(after) != len(before):
+            return where
+        return next((c for i, (b, a) in enumerate(zip(before, after)) if (c := _changed(b, a, f"{where}[{i}]"))), None)
+    if isinstance(before, (torch.Tensor, np.ndarray)):
+        a = after.detach() if isinstance(after, torch.Tensor) else after
+        same = (type(a) is type(before) and a.shape == before.shape and a.dtype == before.dtype
+                and bool(((a == before) | ((a != a) & (before != before))).all()))
+        return None if same else where
+    return None
+
+
+def guarded(fn: Callable, ex: Exercise) -> Callable:
+    """`fn`, watched: an argument it changes in place (other than ex.may_change) fails the case with one
+    line naming the function and the argument, also when autograd refuses the in-place update first."""
+    try:
+        sig = inspect.signature(ex.reference_fn())
+    except (TypeError, ValueError):
+        return fn
+
+    def watched(*args, **kwargs):
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            return fn(*args, **kwargs)
+        before = {k: _snapshot(v) for k, v in bound.arguments.items() if k not in ex.may_change}
+        try:
+            result = fn(*args, **kwargs)
+        except RuntimeError as e:      # "a leaf Variable that requires grad is being used in an in-place operation"
+            if "in-place" not in str(e) and "inplace" not in str(e):
+                raise
+            again = sig.bind(*args, **kwargs)      # run it once more on copies without gradients to see which
+            again.arguments.update({k: _snapshot(v) for k, v in again.arguments.items()})
+            with contextlib.suppress(Exception):
+                fn(*again.args, **again.kwargs)
+            place = next((c for k, b in before.items() if (c := _changed(b, again.arguments[k], k))), None)
+            if place is None:
+                raise
+            raise Wrong(_in_place(ex.name, place, _where_raised(e))) from None
+        place = next((c for k, b in before.items() if (c := _changed(b, bound.arguments[k], k))), None)
+        if place is not None:
+            raise Wrong(_in_place(ex.name, place, ""))
+        return result
+    return watched
+
+
+def _in_place(name: str, place: str, where: str) -> str:
+    arg = place.split("[")[0]
+    return (f"{name} changed its argument {arg} in place{where}" + (f" ({place})" if place != arg else "") +
+            f": {arg} after the call must be unchanged; compute new tensors instead of writing into the inputs "
+            "(x = x / n, not x /= n or x.div_(n))")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the cases: one line per case, each message said once
+# ----------------------------------------------------------------------------------------------
+
 @contextmanager
-def time_limit(seconds: int):
-    """Stop a case after `seconds` (POSIX main thread only; elsewhere no limit)."""
-    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+def time_limit(seconds: float | None):
+    """Stop a case after `seconds` (POSIX main thread only; elsewhere, or with None, no limit). Code that
+    catches BaseException can swallow it: the command line's child process has a hard limit instead."""
+    if not seconds or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_alarm(signum, frame):
         raise CaseTimeout()
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
 
 
@@ -508,31 +602,71 @@ def _where_raised(e: BaseException) -> str:
     """file:line of the innermost frame outside this checker, Python and its libraries (the student's line)."""
     outside = (str(Path(sys.prefix).resolve()), str(Path(sys.base_prefix).resolve()))
     frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() != Path(__file__).resolve()
-              and not str(Path(f.filename).resolve()).startswith(outside)]
+              and not str(Path(f.filename).resolve()).startswith(outside) and not f.filename.startswith("<")]
     return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
 
 
+def run_case(test: Callable, fn: Callable, reference: Callable, seconds: float | None,
+             catch_interrupt: bool = False) -> str | None:
+    """One case: None if it passed, else one line saying why. Whatever the solution raises fails the case,
+    sys.exit included; KeyboardInterrupt too where it cannot be the user's Ctrl-C (catch_interrupt)."""
+    try:
+        with time_limit(seconds):
+            return test(fn, reference)
+    except NotImplementedError as e:
+        return f"not implemented yet (NotImplementedError: {e})"
+    except Wrong as e:
+        return str(e)
+    except CaseTimeout:
+        return f"still running after {seconds:g} s (an endless loop?)"
+    except SystemExit as e:
+        return f"called sys.exit({e.code!r}){_where_raised(e)}: a function returns its result, it does not end the program"
+    except KeyboardInterrupt as e:
+        if not catch_interrupt:
+            raise
+        return f"raised KeyboardInterrupt{_where_raised(e)}"
+    except BaseException as e:       # noqa: BLE001 -- anything else the solution raises is its failure
+        return f"raised {type(e).__name__}: {e}{_where_raised(e)}"
+
+
+class Report:
+    """The PASS/FAIL lines; a message already given for an earlier case is not repeated."""
+
+    def __init__(self, name: str, cases: int, out=print):
+        self.name, self.cases, self.out, self.passed, self.done, self.first = name, cases, out, 0, 0, {}
+
+    def case(self, desc: str, msg: str | None):
+        self.done += 1
+        self.passed += msg is None
+        if msg is None:
+            self.out(f"  PASS  {desc}")
+        elif msg in self.first:
+            self.out(f"  FAIL  {desc}\n        the same problem as in \"{self.first[msg]}\"")
+        else:
+            self.first[msg] = desc
+            self.out(f"  FAIL  {desc}\n        {msg}")
+
+    def end(self) -> bool:
+        """True only if every case ran and passed."""
+        ok = self.passed == self.done == self.cases > 0
+        self.out(f"{self.name}: {self.passed}/{self.cases} cases passed -- {'all good' if ok else 'not yet'}")
+        return ok
+
+
 def check(name: str, fn: Callable, out=print) -> bool:
-    """Run every case of exercise `name` on `fn`; print one PASS/FAIL line per case; True if all pass."""
+    """Run every case of exercise `name` on `fn` in this process; print one PASS/FAIL line per case; True if
+    all pass. Here a case is stopped after CASE_SECONDS by an alarm only; the command line runs the
+    solution in a child process with hard time limits instead (check_file)."""
     ex = EXERCISES[name]
-    reference, cases, passed = ex.reference_fn(), ex.cases(), 0
+    reference, cases = ex.reference_fn(), ex.cases()
+    fn, report = guarded(fn, ex), Report(name, len(cases), out)
     for desc, test in cases:
-        try:
-            with time_limit(CASE_SECONDS):
-                msg = test(fn, reference)
-        except NotImplementedError as e:
-            msg = f"not implemented yet (NotImplementedError: {e})"
-        except Wrong as e:
-            msg = str(e)
-        except CaseTimeout:
-            msg = f"still running after {CASE_SECONDS} s (an endless loop?)"
-        except Exception as e:
-            msg = f"raised {type(e).__name__}: {e}{_where_raised(e)}"
-        passed += msg is None
-        out(f"  PASS  {desc}" if msg is None else f"  FAIL  {desc}\n        {msg}")
-    ok = passed == len(cases) and len(cases) > 0
-    out(f"{name}: {passed}/{len(cases)} cases passed -- {'all good' if ok else 'not yet'}")
-    return ok
+        report.case(desc, run_case(test, fn, reference, CASE_SECONDS))
+    return report.end()
+
+
+class CannotCheck(Exception):
+    """The solution cannot be checked at all (missing, does not import, no such function): exit status 2."""
 
 
 def load_solution(ex: Exercise, path: str | None) -> tuple[Callable, str]:
@@ -542,16 +676,119 @@ def load_solution(ex: Exercise, path: str | None) -> tuple[Callable, str]:
         return ex.reference_fn(), ex.reference
     file = Path(path) if path else HERE / f"{ex.name}.py"
     if not file.is_file():
-        raise SystemExit(f"error: solution file {file} not found")
+        raise CannotCheck(f"solution file {file} not found")
     spec = importlib.util.spec_from_file_location(f"solution_{ex.name}", file)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
-        raise SystemExit(f"error: could not import {file}: {type(e).__name__}: {e}{_where_raised(e)}")
+    except SystemExit as e:
+        raise CannotCheck(f"could not import {file}: it calls sys.exit({e.code!r}) while being imported"
+                          f"{_where_raised(e)}; keep only definitions at the top level of the file") from None
+    except BaseException as e:       # noqa: BLE001 -- KeyboardInterrupt included (the child ignores Ctrl-C)
+        where = f" (at {file.name}:{e.lineno})" if isinstance(e, SyntaxError) else _where_raised(e)
+        raise CannotCheck(f"could not import {file}: {type(e).__name__}: {e}{where}") from None
     if not callable(getattr(module, ex.name, None)):
-        raise SystemExit(f"error: {file} defines no function named {ex.name}")
+        raise CannotCheck(f"{file} defines no function named {ex.name}")
     return getattr(module, ex.name), f"{file}:{ex.name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: the solution runs in a child process, with a time limit for its import and each case
+# ----------------------------------------------------------------------------------------------
+
+STARTUP_SECONDS = 300    # the child's own imports (torch, the reference): slow on a busy machine, never the student's
+
+
+def _child(name: str, solution: str, start: str):
+    """In the child process: import the solution, run cases start, start + 1, ... and send one JSON line
+    per event to the parent on what was stdout (the solution's own prints go to stderr)."""
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's; a KeyboardInterrupt here is the solution's
+    send = lambda *msg: channel.write(json.dumps(msg) + "\n")
+    ex = EXERCISES[name]
+    reference, cases = ex.reference_fn(), ex.cases()
+    send("ready")
+    try:
+        fn, _ = load_solution(ex, solution or None)
+    except CannotCheck as e:
+        send("imported", str(e))
+        os._exit(0)
+    send("imported", None)
+    fn = guarded(fn, ex)
+    for i in range(int(start), len(cases)):
+        send("case", i, run_case(cases[i][1], fn, reference, None, catch_interrupt=True))
+    channel.flush()
+    sys.stderr.flush()
+    os._exit(0)        # skips the solution's atexit handlers and a teardown that could hang
+
+
+class _Child:
+    """A child process running cases from `start` on; get() waits for its next message."""
+
+    def __init__(self, name: str, solution: str | None, start: int):
+        code = "import sys; sys.path.insert(0, sys.argv[1]); from exercises.check import _child; _child(*sys.argv[2:])"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), name, solution or "", str(start)],
+                                     stdout=subprocess.PIPE, text=True)
+        self.messages = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.messages.put(json.loads(line))
+        self.messages.put(None)
+
+    def get(self, seconds: float):
+        """The next message, or "timeout", or "ended" (then self.status is the exit status)."""
+        try:
+            msg = self.messages.get(timeout=seconds)
+        except queue.Empty:
+            return "timeout"
+        if msg is None:
+            self.status = self.proc.wait()
+            return "ended"
+        return msg
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def check_file(ex: Exercise, solution: str | None, seconds: float, out=print) -> bool:
+    """Check a solution file (or 'reference') in a child process: `seconds` for its import and for each
+    case. A case that hangs or ends the process fails, and a fresh child runs the cases after it."""
+    descs = [desc for desc, _ in ex.cases()]
+    report, i = Report(ex.name, len(descs), out), 0
+    while i < len(descs):
+        child = _Child(ex.name, solution, i)
+        try:
+            if child.get(STARTUP_SECONDS) != ["ready"]:
+                raise CannotCheck("the checker's child process did not start (see the lines above)")
+            msg = child.get(seconds)
+            if msg == "timeout":
+                raise CannotCheck(f"could not import {solution or ex.name + '.py'}: still running after {seconds:g} s "
+                                  "(an endless loop at import time?)")
+            if msg == "ended":
+                raise CannotCheck(f"could not import {solution or ex.name + '.py'}: importing it ended the process "
+                                  f"(exit status {child.status})")
+            if msg[1] is not None:
+                raise CannotCheck(msg[1])
+            while i < len(descs):
+                msg = child.get(seconds)
+                if msg == "timeout":
+                    report.case(descs[i], f"still running after {seconds:g} s (an endless loop?)")
+                elif msg == "ended":
+                    report.case(descs[i], f"ended the checker's process (exit status {child.status}; os._exit?)")
+                else:
+                    report.case(descs[msg[1]], msg[2])
+                i += 1
+                if msg in ("timeout", "ended"):
+                    break          # this child is gone or stuck: the next one starts at the next case
+        finally:
+            child.stop()
+    return report.end()
 
 
 def main(argv=None) -> int:
@@ -559,6 +796,8 @@ def main(argv=None) -> int:
     p.add_argument("exercise", nargs="?", help="exercise name or number (see --list)")
     p.add_argument("--solution", help="a .py file defining the function (default: exercises/<name>.py), "
                                       "or 'reference' to check the project's own implementation")
+    p.add_argument("--time-limit", type=float, default=CASE_SECONDS, metavar="SECONDS",
+                   help="seconds allowed for importing the solution and for each case (default: %(default)s)")
     p.add_argument("--list", action="store_true", help="list the exercises")
     args = p.parse_args(argv)
     by_number = {str(e.number): e for e in EXERCISES.values()}
@@ -570,18 +809,28 @@ def main(argv=None) -> int:
     if ex is None:
         print(f"error: no exercise {args.exercise!r}; choose one of {', '.join(EXERCISES)}", file=sys.stderr)
         return 2
+    if not args.time_limit > 0:
+        print(f"error: --time-limit must be > 0 (got {args.time_limit})", file=sys.stderr)
+        return 2
     try:
         ex.reference_fn()
     except (ImportError, AttributeError) as e:
         print(f"error: the reference {ex.reference} is not available ({e})", file=sys.stderr)
         return 2
-    try:
-        fn, label = load_solution(ex, args.solution)
-    except SystemExit as e:
-        print(e, file=sys.stderr)
+    file = Path(args.solution) if args.solution not in (None, "reference") else HERE / f"{ex.name}.py"
+    if args.solution != "reference" and not file.is_file():
+        print(f"error: solution file {file} not found", file=sys.stderr)
         return 2
-    print(f"exercise {ex.number}, {ex.title}: checking {label} against {ex.reference}")
-    return 0 if check(ex.name, fn) else 1
+    label = ex.reference if args.solution == "reference" else f"{file}:{ex.name}"
+    print(f"exercise {ex.number}, {ex.title}: checking {label} against {ex.reference}", flush=True)
+    try:
+        return 0 if check_file(ex, "reference" if args.solution == "reference" else str(file), args.time_limit) else 1
+    except CannotCheck as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ project's own implementation and an independent correct one, and rejects the typ
 named in its statement -- each in the case meant to catch it."""
 import itertools
 import os
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,8 @@ def assert_rejected(name, fn, case, message=""):
     hits = [c for c in failed if case in c]
     assert hits, f"expected a failure in a case mentioning {case!r}:\n{report}"
     block = report.split(f"FAIL  {hits[0]}\n", 1)[1].split("\n")[0]
+    if same := re.fullmatch(r' +the same problem as in "(.*)"', block):    # a message is said once, at its first case
+        block = report.split(f"FAIL  {same.group(1)}\n", 1)[1].split("\n")[0]
     assert message in block, f"{message!r} not in {block!r}"
 
 
@@ -44,7 +47,8 @@ def test_stub_as_shipped_fails_every_case(name):
     ok, failed, report = run_check(name, stub)
     assert not ok
     assert len(failed) == len(ex.EXERCISES[name].cases()) >= 6, report
-    assert report.count("not implemented yet") == len(failed)
+    assert report.count("not implemented yet") == 1                  # said once; the other cases refer to it
+    assert report.count('the same problem as in "') == len(failed) - 1
 
 
 @pytest.mark.parametrize("name", list(ex.EXERCISES))
@@ -514,3 +518,88 @@ def test_command_line_exit_status_and_solution_file(tmp_path, capsys):
     broken.write_text("def enqueue(queue, ptr, keys)\n    return 0\n")
     assert ex.main(["enqueue", "--solution", str(broken)]) == 2
     assert "could not import" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line runs the solution in a child process: it cannot end, hang or interrupt the checker
+# ----------------------------------------------------------------------------------------------
+
+ENQUEUE_OK = ("def enqueue(queue, ptr, keys):\n    for key in keys:\n        queue[ptr] = key.detach()\n"
+              "        ptr = (ptr + 1) % len(queue)\n    return ptr\n")
+
+
+def check_cli(tmp_path, capfd, source, *flags, name="enqueue"):
+    """ex.main on a solution file holding `source`: (exit status, stdout, stderr), child's output included."""
+    file = tmp_path / "solution.py"
+    file.write_text(source)
+    status = ex.main([name, "--solution", str(file), *flags])
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, out + err
+    return status, out, err
+
+
+def test_sys_exit_in_the_solution_fails_every_case_with_one_message(tmp_path, capfd):
+    status, out, _ = check_cli(tmp_path, capfd, "import sys\n\ndef enqueue(queue, ptr, keys):\n    sys.exit(0)\n")
+    assert status == 1 and "0/9 cases passed -- not yet" in out
+    msg = "called sys.exit(0) (at solution.py:4): a function returns its result, it does not end the program"
+    assert out.count(msg) == 1 and out.count("  FAIL  ") == 9 and out.count("the same problem as in") == 8, out
+
+
+def test_sys_exit_at_import_is_a_bad_solution_not_a_pass(tmp_path, capfd):
+    status, out, err = check_cli(tmp_path, capfd, "import sys\nsys.exit(0)\n" + ENQUEUE_OK)
+    assert status == 2 and "PASS" not in out
+    assert err.strip().splitlines() == [f"error: could not import {tmp_path / 'solution.py'}: it calls sys.exit(0) "
+                                        "while being imported (at solution.py:2); keep only definitions at the top "
+                                        "level of the file"]
+
+
+def test_an_endless_loop_at_import_is_stopped_by_the_time_limit(tmp_path, capfd):
+    status, out, err = check_cli(tmp_path, capfd, "while True:\n    pass\n" + ENQUEUE_OK, "--time-limit", "2")
+    assert status == 2 and "PASS" not in out
+    assert err.strip().splitlines() == [f"error: could not import {tmp_path / 'solution.py'}: still running after "
+                                        "2 s (an endless loop at import time?)"]
+
+
+def test_keyboard_interrupt_from_the_solution_is_a_failed_case(tmp_path, capfd):
+    status, out, _ = check_cli(tmp_path, capfd, "def enqueue(queue, ptr, keys):\n    raise KeyboardInterrupt\n")
+    assert status == 1 and "0/9 cases passed" in out
+    assert out.count("raised KeyboardInterrupt (at solution.py:2)") == 1, out
+
+
+def test_a_case_that_hangs_even_through_except_base_exception_fails_alone(tmp_path, capfd):
+    """The alarm cannot stop this loop (it swallows every exception); the child is killed after the time
+    limit, and a fresh one runs the remaining cases."""
+    hang = ("import time\n\ndef enqueue(queue, ptr, keys):\n    while len(queue) == 4:\n        try:\n"
+            "            time.sleep(0.01)\n        except BaseException:\n            pass\n"
+            + "".join(ENQUEUE_OK.splitlines(keepends=True)[1:]))
+    status, out, _ = check_cli(tmp_path, capfd, hang, "--time-limit", "5")    # the other cases need time too
+    assert status == 1 and "8/9 cases passed -- not yet" in out, out
+    assert "  FAIL  K=4, ptr=1, B=6 > K: only the last 4 keys survive, as if written one at a time\n" \
+           "        still running after 5 s (an endless loop?)" in out
+
+
+def test_an_input_changed_in_place_is_named_once(tmp_path, capfd):
+    """Autograd refuses z1.div_() on an input that requires grad; the checker names the function and the
+    argument instead of repeating autograd's error in every case."""
+    source = ("import torch\nimport torch.nn.functional as F\n\ndef nt_xent(z1, z2, tau):\n"
+              "    z1.div_(z1.norm(dim=1, keepdim=True))\n    z2 = F.normalize(z2, dim=1)\n"
+              "    z, b = torch.cat([z1, z2]), len(z1)\n"
+              "    sim = (z @ z.t() / tau).masked_fill(torch.eye(2 * b, dtype=torch.bool), float('-inf'))\n"
+              "    return F.cross_entropy(sim, torch.cat([torch.arange(b, 2 * b), torch.arange(b)]))\n")
+    status, out, _ = check_cli(tmp_path, capfd, source, name="nt_xent")
+    assert status == 1 and "0/7 cases passed" in out
+    msg = ("nt_xent changed its argument z1 in place (at solution.py:5): z1 after the call must be unchanged; "
+           "compute new tensors instead of writing into the inputs")
+    assert out.count(msg) == 1 and out.count("the same problem as in") == 6 and "leaf Variable" not in out, out
+
+
+def test_an_input_changed_in_place_without_autograd_is_named_with_its_place():
+    def sorts_its_input(y_true, y_pred):
+        y_pred.sort()
+        return ex.EXERCISES["cluster_acc"].reference_fn()(y_true, y_pred)
+    assert_rejected("cluster_acc", sorts_its_input, "perfect clustering",
+                    "cluster_acc changed its argument y_pred in place: y_pred after the call must be unchanged")
+    assert_rejected("fedavg", fedavg_in_place, "weights = sample counts",
+                    "fedavg changed its argument states in place (states[0]['0.weight'])")
+    ok, _, report = run_check("enqueue", enqueue_one_at_a_time)      # enqueue's queue is meant to change
+    assert ok, report
