@@ -1296,14 +1296,15 @@ def plot_curves(history: list[dict], path: Path, title: str, baseline: float | N
     b.legend(fontsize=8, loc="best")
     b.set_xlabel("round")
     b.set_ylabel("kNN accuracy")
-    for ax in (a, b):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlim(0.5, max(rounds + [1]) + 0.5)
+    last = max(rounds + [1])
+    for ax in (a, b):       # whole rounds only (MaxNLocator alone falls back to fractions below 2 rounds)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(0.5, last + 0.5)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return {"ylim": b.get_ylim(), "xticks": [t for t in b.get_xticks() if 0.5 <= t <= max(rounds + [1]) + 0.5],
+    return {"ylim": b.get_ylim(), "xticks": [t for t in b.get_xticks() if 0.5 <= t <= last + 0.5],
             "labels": [line.get_label() for line in b.get_lines()], "title": title}
 
 

@@ -54,6 +54,8 @@ def test_curves_show_the_untrained_baseline_integer_rounds_and_a_full_title(tmp_
     assert any("untrained network (0.650)" in label for label in drawn["labels"])
     assert drawn["xticks"] and all(float(t).is_integer() for t in drawn["xticks"])
     assert drawn["title"] == title
+    one = common.plot_curves(hist[:1], tmp_path / "d.png", title, baseline=0.65)     # a one-round run
+    assert one["xticks"] == [1.0]
 
 
 def test_title_names_method_partition_clients_and_seed():
