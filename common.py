@@ -55,8 +55,9 @@ def fail(msg: str):
 class RunArgs:
     dataset: str = "fmnist"
     """fmnist (bundled) | cifar10 | cifar100"""
-    data_dir: str = "data"
-    """where datasets live (CIFAR: cifar-10-batches-py/ or the python-version .tar.gz inside it)"""
+    data_dir: str = ""
+    """where datasets live (CIFAR: cifar-10-batches-py/ or the python-version .tar.gz inside it); empty = the
+    repository's data/ folder, wherever the script is run from; a relative path is taken from the working directory"""
     encoder: str = "cnn"
     """cnn (small, fast on a CPU) | resnet18 (CIFAR stem)"""
     width: int = 32
@@ -98,7 +99,7 @@ class RunArgs:
     crop_min: float = 0.2
     """smallest area of the random resized crop (0.08 in SimCLR's ImageNet recipe)"""
     eval_every: int = 5
-    """kNN monitor every this many rounds (and at the last round)"""
+    """kNN monitor every this many rounds (and at the first and the last round)"""
     probe_epochs: int = 30
     """epochs of the linear probe on frozen features (last epoch reported)"""
     seed: int = 0
@@ -172,7 +173,7 @@ def parse_args(cls, argv=None):
     defaults = cls()
     for f in dataclasses.fields(cls):
         flag, default, help_ = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), docs.get(f.name, "")
-        help_ += f" (default: {default})"
+        help_ += f" (default: {default})" if default != "" else ""
         if isinstance(default, bool):      # `--featarc` alone means `--featarc true`
             p.add_argument(flag, type=_bool, nargs="?", const=True, metavar="{true,false}", help=help_)
         else:
@@ -216,6 +217,10 @@ STATS = {  # per-channel mean/std of the training split, on [0, 1] pixels
     "fmnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+CLASS_NAMES = {    # for plots; CIFAR-100's 100 classes are shown by number
+    "fmnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
 }
 
 
@@ -296,9 +301,14 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def data_path(args: RunArgs) -> Path:
+    """--data-dir, or the repository's data/ folder when it is empty (so the bundled data is found from any cwd)."""
+    return Path(args.data_dir) if args.data_dir else ROOT / "data"
+
+
 def load_data(args: RunArgs, device) -> tuple[Data, np.ndarray]:
     """Load a dataset once onto the device; returns it and the original indices of the training subset."""
-    data_dir = Path(args.data_dir)
+    data_dir = data_path(args)
     if args.dataset == "fmnist":
         tx, ty, vx, vy, k = load_fmnist(data_dir / "fashion-mnist")
     else:
@@ -689,6 +699,29 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=30, seed=
         return (head(test_f).argmax(1) == test_y).float().mean().item()
 
 
+def alignment(z1: torch.Tensor, z2: torch.Tensor) -> float:
+    """Wang & Isola (ICML 2020) L_align, alpha=2: E ||f(x) - f(x+)||^2 over positive pairs, on
+    L2-normalised features (0 = the two views of every image map to the same point; at most 4)."""
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    return (z1 - z2).pow(2).sum(dim=1).mean().item()
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
+    """Wang & Isola L_uniform: log E exp(-t ||f(x) - f(y)||^2) over distinct pairs of L2-normalised
+    features (lower = spread more evenly over the sphere; 0 = every feature on one point)."""
+    z = F.normalize(z.float(), dim=1)
+    return torch.pdist(z).pow(2).mul(-t).exp().mean().log().item()
+
+
+def pca_2d(x: torch.Tensor):
+    """The two leading principal directions of the rows of x, by SVD of the centred matrix.
+    Returns (mean, 2 x d directions, share of the variance each explains)."""
+    x = x.double()
+    mean = x.mean(dim=0)
+    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    return mean, vh[:2], (s[:2] ** 2 / (s ** 2).sum()).tolist()
+
+
 # ----------------------------------------------------------------------------------------------
 # Clustering metrics (fed_cluster.py): numpy int label vectors in, python float out
 # ----------------------------------------------------------------------------------------------
@@ -897,7 +930,14 @@ class Run:
         _write_json(self.dir / "partition.json", {
             "partition": self.args.partition, "seed": self.args.seed, "clients": clients,
             "note": "indices are positions in the dataset's original training split"})
-        plot_partition(self.counts, self.dir / "partition.png", f"{self.args.partition}, {self.args.clients} clients")
+        plot_partition(self.counts, self.dir / "partition.png", self.title(), CLASS_NAMES.get(self.args.dataset))
+
+    def title(self) -> str:
+        """Script, dataset, partition, clients and seed: the title of every plot of the run."""
+        a = self.args
+        part = {"iid": "IID", "dirichlet": f"Dirichlet alpha {a.alpha:g}", "skew": f"skew ratio {a.skew_ratio:g}",
+                "classes": f"{a.classes_per_client} classes per client"}[a.partition] if a.clients > 1 else "centralized"
+        return f"{self.script}: {a.dataset}, {part}, {a.clients} client{'s' * (a.clients > 1)}, seed {a.seed}"
 
     # --- the loop's helpers -------------------------------------------------------------------
     def batches(self, idx: torch.Tensor, batch_size: int | None = None):
@@ -946,7 +986,8 @@ class Run:
         print("\nCtrl-C: stopping after this round (press again to stop now)", file=sys.stderr, flush=True)
 
     def is_eval_round(self, rnd: int) -> bool:
-        return rnd % self.args.eval_every == 0 or rnd == self.args.rounds
+        """Every --eval-every rounds, and the first and the last round (so every curve has a start and an end)."""
+        return rnd % self.args.eval_every == 0 or rnd in (1, self.args.rounds)
 
     def log(self, rnd: int, loss, images: int, encoder: nn.Module | None = None, **extra):
         """End of a round: kNN on evaluation rounds (if an encoder is given), one metrics line,
@@ -958,6 +999,7 @@ class Run:
                "images_per_s": images / max(train_s, 1e-9)}
         if encoder is not None and self.is_eval_round(rnd):
             row["knn_acc"] = self.knn(encoder)
+            row.update(self.geometry(encoder))
         row.update({k: _num(v) for k, v in extra.items()})
         self.images_total += int(images)
         self.train_s_total += train_s
@@ -969,6 +1011,9 @@ class Run:
         knn = f"  kNN {row['knn_acc']:.4f}" if "knn_acc" in row else ""
         print(f"round {rnd}/{self.args.rounds}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s  "
               f"elapsed {row['elapsed_s']:.0f}s  ETA {eta:.0f}s{knn}", flush=True)
+        diagnostics = {k: v for k, v in row.items() if k not in _ROUND_KEYS}
+        if self.is_eval_round(rnd) and diagnostics:      # the method's own numbers, alignment, uniformity
+            print("  " + format_metrics(diagnostics), flush=True)
         self._save(rnd)
         if self._interrupted:
             print(f"interrupted after round {rnd}; resume with: python {self.script}.py --resume {self.dir}",
@@ -991,6 +1036,24 @@ class Run:
         self._eval_s += time.time() - t
         return (pred == self.data.test_y).float().mean().item()
 
+    @torch.no_grad()
+    def geometry(self, encoder: nn.Module, n: int = 512) -> dict:
+        """Alignment and uniformity (Wang & Isola, ICML 2020) on a fixed seeded sample of n evaluation
+        images: alignment between two augmented views of each, uniformity of the plain images. The views
+        come from their own seed inside fork_rng, so the training random stream is not moved."""
+        t = time.time()
+        idx = torch.randperm(len(self.data.test_y), generator=torch.Generator().manual_seed(self.args.seed + 7))[:n]
+        x = self.data.test_x[idx.to(self.device)]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.args.seed + 54321)
+            v1, v2 = self.augment(x), self.augment(x)
+        was_training = encoder.training
+        encoder.eval()
+        out = {"alignment": alignment(encoder(v1), encoder(v2)), "uniformity": uniformity(encoder(self.augment.plain(x)))}
+        encoder.train(was_training)
+        self._eval_s += time.time() - t
+        return out
+
     def evaluate(self, encoder: nn.Module) -> dict:
         """kNN and linear probe of a frozen encoder (seeded, so it does not depend on training RNG)."""
         t = time.time()
@@ -1008,8 +1071,11 @@ class Run:
             torch.manual_seed(self.args.seed + 12345)
             return make_encoder(self.args, self.data.channels).to(self.device)
 
-    def finish(self, encoder: nn.Module | None = None, results: dict | None = None, **extra):
-        """Final evaluation, the random-encoder row, curves.png, and summary.json (written last)."""
+    def finish(self, encoder: nn.Module | None = None, results: dict | None = None,
+               encoders: list | None = None, encoders_per: str = "client", **extra):
+        """Final evaluation, the random-encoder row, encoder.pt (the trained `encoder`, or the list
+        `encoders` of a run with one per client / cluster), curves.png, features.png, and summary.json
+        (written last)."""
         results = {k: _num(v) for k, v in results.items()} if results is not None else self.evaluate(encoder)
         rand = self.evaluate(self.random_encoder())
         summary = {**results, "random_encoder": rand,
@@ -1017,12 +1083,52 @@ class Run:
                    "wall_s": self.elapsed0 + time.time() - self._t0, "rounds": self.args.rounds,
                    **{k: _num(v) if not isinstance(v, (dict, list, str)) else v for k, v in extra.items()},
                    "complete": True}
-        plot_curves(self.history, self.dir / "curves.png", self.script)
+        trained = [encoder] if encoder is not None else list(encoders or [])
+        self.save_encoders(trained, encoders_per)
+        plot_curves(self.history, self.dir / "curves.png", self.title(), baseline=rand["knn_acc"])
+        if trained:
+            self.plot_features(trained[0], "" if len(trained) == 1 else f" ({encoders_per} 0's encoder)")
         _write_json(self.dir / "summary.json", summary)
-        print(f"learned encoder: kNN {results['knn_acc']:.4f}  linear {results['linear_acc']:.4f}")
-        print(f"random encoder:  kNN {rand['knn_acc']:.4f}  linear {rand['linear_acc']:.4f}")
+        for line in final_report(results, rand):
+            print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
         print(f"run folder: {self.dir}", flush=True)
         return summary
+
+    def save_encoders(self, encoders: list, per: str = "client"):
+        """encoder.pt for load_encoder: each trained encoder as a plain tensor state dict in make_encoder's
+        layout (MocoSFL evaluates its client and server halves joined: same tensors in the same order),
+        so torch.load(weights_only=True) reads it. The layout is checked by comparing outputs."""
+        states, x = [], self.data.test_x[:8]
+        for enc in encoders:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                canon = make_encoder(self.args, self.data.channels).to(self.device)
+            src, dst = enc.state_dict(), canon.state_dict()
+            same = len(src) == len(dst) and all(a.shape == b.shape for a, b in zip(src.values(), dst.values()))
+            if same:
+                canon.load_state_dict(dict(zip(dst.keys(), src.values())))
+                same = torch.allclose(features(canon, x, self.augment), features(enc, x, self.augment),
+                                      rtol=1e-3, atol=1e-4)
+            if not same:
+                print(f"warning: {self.script}'s encoder is not laid out as make_encoder's; no encoder.pt written",
+                      file=sys.stderr)
+                return
+            states.append({k: v.detach().cpu() for k, v in canon.state_dict().items()})
+        if states:
+            torch.save({"encoders": states, "per": per}, self.dir / "encoder.pt")
+
+    def plot_features(self, encoder: nn.Module, note: str = ""):
+        """features.png: PCA of up to 2000 test features coloured by class, and of up to 2000 training
+        features (seeded sample) in the same projection coloured by the client that holds the image."""
+        gen = torch.Generator().manual_seed(self.args.seed + 3)
+        te = torch.randperm(len(self.data.test_y), generator=gen)[:2000].to(self.device)
+        tr = torch.randperm(len(self.data.train_y), generator=gen)[:2000].to(self.device)
+        owner = torch.full((len(self.data.train_y),), -1, dtype=torch.long, device=self.device)
+        for c, idx in enumerate(self.clients):
+            owner[idx] = c
+        geo = self.geometry(encoder)
+        plot_features(features(encoder, self.data.test_x[te], self.augment).cpu(), self.data.test_y[te].cpu(),
+                      features(encoder, self.data.train_x[tr], self.augment).cpu(), owner[tr].cpu(), self.args.clients,
+                      self.dir / "features.png", self.title() + note, CLASS_NAMES.get(self.args.dataset), geo)
 
     # --- checkpoint ---------------------------------------------------------------------------
     def _save(self, rnd: int):
@@ -1051,6 +1157,81 @@ class Run:
         self.elapsed0 = ckpt["elapsed_s"]
         with open(self.dir / "metrics.jsonl", "w") as f:        # drop lines of rounds after the checkpoint
             f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+
+_ROUND_KEYS = {"round", "loss", "images", "images_per_s", "elapsed_s", "knn_acc"}   # the round line itself
+
+
+def format_metrics(metrics: dict) -> str:
+    """`name value` pairs for the console: 4 significant digits, whole numbers as integers, lists cut at 10."""
+    def fmt(v):
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() and abs(v) < 1e9 else f"{v:.4g}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(_num(x)) for x in v[:10]) + (", ..." if len(v) > 10 else "") + "]"
+        return str(v)
+    return "  ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
+
+
+def final_report(results: dict, rand: dict) -> list[str]:
+    """The closing lines: the trained encoder next to its untrained network, the gain, and a
+    `warning:` line when training did not beat the untrained network (kNN or linear probe)."""
+    gain = {k: results[k] - rand[k] for k in ("knn_acc", "linear_acc")}
+    lines = [f"learned encoder: kNN {results['knn_acc']:.4f}  linear {results['linear_acc']:.4f}",
+             f"random encoder:  kNN {rand['knn_acc']:.4f}  linear {rand['linear_acc']:.4f}",
+             f"gain:            kNN {gain['knn_acc']:+.4f}  linear {gain['linear_acc']:+.4f}  "
+             "(learned - random: what training added)"]
+    worse = [f"{name} {gain[k]:+.4f}" for k, name in (("knn_acc", "kNN"), ("linear_acc", "linear"))
+             if gain[k] <= 0]         # a NaN gain (no probe: --probe-epochs 0) is not flagged
+    if worse:
+        lines.append(f"warning: the trained encoder is not better than its untrained network ({', '.join(worse)}); "
+                     "train longer (--rounds, --local-epochs) or compare with the expected result in the script's docstring")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Using a trained encoder outside this repository's scripts
+# ----------------------------------------------------------------------------------------------
+
+class Preprocess:
+    """What a loaded encoder expects: images N x C x H x W as uint8 (0-255) or float (0-1), normalised
+    with the training set's per-channel mean and std (no augmentation)."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != len(self.mean):
+            raise ValueError(f"expected images N x {len(self.mean)} x H x W, got shape {tuple(x.shape)}")
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+
+    def __repr__(self):
+        return f"Preprocess(mean={self.mean}, std={self.std})"
+
+
+def load_encoder(run_dir, index: int | None = None, device="cpu") -> nn.Module:
+    """The trained encoder of a finished run folder of any method, in eval mode on `device`, with
+    `.preprocess` (images -> the normalised input it was trained on), `.dim` (feature size) and
+    `.config` (the run's arguments). Runs with several encoders (local_cl: one per client;
+    dec_ssl --featarc: one per cluster) need `index`. Reads encoder.pt with weights_only=True."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "encoder.pt").is_file() or not (run_dir / "config.json").is_file():
+        fail(f"{run_dir}: no encoder.pt and config.json (a run folder gets encoder.pt when its run finishes)")
+    saved = torch.load(run_dir / "encoder.pt", map_location=device, weights_only=True)
+    states, per = saved["encoders"], saved["per"]
+    if index is None and len(states) > 1:
+        fail(f"{run_dir} holds {len(states)} encoders, one per {per}: pass index=0..{len(states) - 1}")
+    if not 0 <= (index or 0) < len(states):
+        fail(f"index {index}: {run_dir} holds {len(states)} encoder(s) (index 0..{len(states) - 1})")
+    cfg = json.loads((run_dir / "config.json").read_text())["args"]
+    args = RunArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(RunArgs) if f.name in cfg})
+    mean, std = STATS[args.dataset]
+    encoder = make_encoder(args, len(mean)).to(device)
+    encoder.load_state_dict(states[index or 0])
+    encoder.preprocess, encoder.config = Preprocess(mean, std), cfg
+    return encoder.eval()
 
 
 def _state_of(obj):
@@ -1103,31 +1284,107 @@ def _plt():
     return plt
 
 
-def plot_partition(counts: np.ndarray, path: Path, title: str):
+def _client_ticks(n: int, most: int = 40) -> list[int]:
+    """Every client when there are at most `most`, else every k-th and the last (a readable subset)."""
+    step = max(1, math.ceil(n / most))
+    return sorted(set(range(0, n, step)) | {n - 1})
+
+
+def plot_partition(counts: np.ndarray, path: Path, title: str, class_names=None) -> dict:
+    """Heat map of images per client (rows) and class (columns), class names on the x axis, every client
+    (or a readable subset of hundreds) on the y axis, counts written in the cells when they fit.
+    Returns the tick labels drawn (for tests)."""
     plt = _plt()
     n, c = counts.shape
-    fig, ax = plt.subplots(figsize=(min(2 + 0.4 * c, 12), min(1.5 + 0.3 * n, 10)))
+    names = list(class_names) if class_names is not None and len(class_names) == c else [str(k) for k in range(c)]
+    fig, ax = plt.subplots(figsize=(min(3 + 0.55 * c, 14), min(2 + 0.3 * n, 12)))
     im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+    xt = list(range(c)) if c <= 20 else list(range(0, c, 10))       # CIFAR-100: every 10th class number
+    ax.set_xticks(xt, [names[k] for k in xt], rotation=45 if class_names is not None else 0, ha="right"
+                  if class_names is not None else "center", fontsize=8)
+    yt = _client_ticks(n)
+    ax.set_yticks(yt, [str(k) for k in yt], fontsize=8 if n <= 20 else 6)
+    if n * c <= 400:                                                 # numbers in the cells of small maps
+        for (i, j), v in np.ndenumerate(counts):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=6,
+                    color="white" if v < counts.max() / 2 else "black")
     ax.set_xlabel("class")
-    ax.set_ylabel("client")
-    ax.set_title(f"images per client and class ({title})")
-    fig.colorbar(im, ax=ax)
+    ax.set_ylabel("client" if len(yt) == n else f"client (every {yt[1] - yt[0]}th labelled)")
+    ax.set_title(f"images per client and class\n{title}", fontsize=10)
+    fig.colorbar(im, ax=ax, label="images")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return {"xticklabels": [names[k] for k in xt], "yticklabels": [str(k) for k in yt]}
 
 
-def plot_curves(history: list[dict], path: Path, title: str):
+def plot_curves(history: list[dict], path: Path, title: str, baseline: float | None = None) -> dict:
+    """Training loss and kNN accuracy against rounds (integer ticks), the untrained network's kNN as a
+    dashed line, the accuracy axis spanning both. Returns what was drawn (for tests)."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot([r["round"] for r in history], [r["loss"] for r in history])
+    from matplotlib.ticker import MaxNLocator
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    rounds = [r["round"] for r in history]
+    a.plot(rounds, [r["loss"] for r in history], marker="." if len(rounds) <= 40 else None)
     a.set_xlabel("round")
     a.set_ylabel("training loss")
     ev = [r for r in history if "knn_acc" in r]
-    b.plot([r["round"] for r in ev], [r["knn_acc"] for r in ev], marker="o")
+    b.plot([r["round"] for r in ev], [r["knn_acc"] for r in ev], marker="o", label="trained encoder")
+    ys = [r["knn_acc"] for r in ev]
+    if baseline is not None:
+        b.axhline(baseline, ls="--", color="gray", label=f"untrained network ({baseline:.3f})")
+        ys.append(baseline)
+    if ys:
+        pad = max(0.01, 0.1 * (max(ys) - min(ys)))
+        b.set_ylim(max(0.0, min(ys) - pad), min(1.0, max(ys) + pad))
+    b.legend(fontsize=8, loc="best")
     b.set_xlabel("round")
     b.set_ylabel("kNN accuracy")
-    fig.suptitle(title)
+    last = max(rounds + [1])
+    for ax in (a, b):       # whole rounds only (MaxNLocator alone falls back to fractions below 2 rounds)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(0.5, last + 0.5)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return {"ylim": b.get_ylim(), "xticks": [t for t in b.get_xticks() if 0.5 <= t <= last + 0.5],
+            "labels": [line.get_label() for line in b.get_lines()], "title": title}
+
+
+def plot_features(test_f, test_y, train_f, owner, clients: int, path: Path, title: str, class_names=None,
+                  geometry: dict | None = None):
+    """features.png: the L2-normalised features (what kNN compares) projected on the two leading
+    principal directions of the test features; left the test images coloured by class, right the
+    training images in the same projection coloured by the client that holds them."""
+    plt = _plt()
+    test_f, train_f = F.normalize(test_f.double(), dim=1), F.normalize(train_f.double(), dim=1)
+    mean, dirs, share = pca_2d(test_f)
+    pt, pr = ((test_f - mean) @ dirs.T).numpy(), ((train_f - mean) @ dirs.T).numpy()
+    test_y, owner = test_y.numpy(), owner.numpy()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, pts, groups, n, names, what in (
+            (a, pt, test_y, int(test_y.max()) + 1, class_names, "test images by class"),
+            (b, pr, owner, clients, None, "training images by client (same projection)")):
+        if n <= 20:
+            cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+            for g in range(n):
+                sel = groups == g
+                if sel.any():
+                    label = names[g] if names is not None else (f"client {g}" if ax is b else f"class {g}")
+                    ax.scatter(pts[sel, 0], pts[sel, 1], s=5, color=cmap(g), label=label, alpha=0.7)
+            ax.legend(fontsize=7, markerscale=2.5, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        else:                                                  # hundreds of clients / 100 classes: a colour scale
+            sc = ax.scatter(pts[:, 0], pts[:, 1], s=5, c=groups, cmap="viridis", alpha=0.7)
+            fig.colorbar(sc, ax=ax, label="client" if ax is b else "class")
+        ax.set_xlabel(f"PC1 ({share[0]:.0%} of the test features' variance)")
+        ax.set_ylabel(f"PC2 ({share[1]:.0%})")
+        ax.set_title(what, fontsize=9)
+    geo = ""
+    if geometry:
+        geo = (f"\nalignment {geometry['alignment']:.3f} (0 = two views of an image coincide), uniformity "
+               f"{geometry['uniformity']:.3f} (lower = spread more evenly); Wang & Isola 2020")
+    fig.suptitle(f"feature space after the last round (PCA of L2-normalised features)\n{title}{geo}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

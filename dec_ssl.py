@@ -299,6 +299,7 @@ def main():
     per = [run.evaluate(e) for e in final]
     best = max(range(C), key=lambda j: per[j]["linear_acc"])
     run.finish(results={k: sum(r[k] for r in per) / C for k in ("knn_acc", "linear_acc")}, ssl=args.ssl,
+               encoders=final, encoders_per="cluster",
                headline="knn_acc/linear_acc are the MEAN over the cluster models", clusters=per,
                best_cluster={"cluster": best, **per[best], "note": "picked by test linear accuracy, as the "
                              "released code does: optimistic"})

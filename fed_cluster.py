@@ -262,13 +262,10 @@ def main():
         if rnd == args.stage1_rounds:                            # end of stage 1: evaluate the encoder
             stage1.update(run.evaluate(model.encoder))
             print(f"stage 1 done: kNN {stage1['knn_acc']:.4f}  linear {stage1['linear_acc']:.4f}", flush=True)
-        run.log(rnd, loss=torch.stack(losses).mean(), images=images, encoder=model.encoder, **extra)
-        if "cluster_acc" in extra:
-            print(f"  clustering: ACC {extra['cluster_acc']:.4f}  NMI {extra['nmi']:.4f}  ARI {extra['ari']:.4f}  "
-                  f"({extra['clusters_used']} clusters used)", flush=True)
+        run.log(rnd, loss=torch.stack(losses).mean(), images=images, encoder=model.encoder, **extra)   # prints ACC, NMI, ARI
     final, clu = run.evaluate(model.encoder), evaluate_clustering(model, run)
     print(f"clustering (test set): ACC {clu['cluster_acc']:.4f}  NMI {clu['nmi']:.4f}  ARI {clu['ari']:.4f}")
-    run.finish(results=final, stage1=dict(stage1) or None, stage2=final, **clu,
+    run.finish(model.encoder, results=final, stage1=dict(stage1) or None, stage2=final, **clu,
                stage1_rounds=args.stage1_rounds, loss_kind=args.loss, cluster_loss_kind=args.cluster_loss)
 
 

@@ -96,7 +96,7 @@ def main():
                 **({"knn_acc": knn} if knn is not None else {}))
     per_client = [run.evaluate(m.encoder) for m in models]
     knn, lin = np.array([r["knn_acc"] for r in per_client]), np.array([r["linear_acc"] for r in per_client])
-    run.finish(results={"knn_acc": knn.mean(), "linear_acc": lin.mean()},
+    run.finish(results={"knn_acc": knn.mean(), "linear_acc": lin.mean()}, encoders=[m.encoder for m in models],
                knn_acc_std=knn.std(), linear_acc_std=lin.std(), per_client=per_client)
 
 

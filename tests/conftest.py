@@ -15,11 +15,11 @@ TINY = ["--train-size", "600", "--test-size", "300", "--clients", "5", "--rounds
         "--batch-size", "32", "--eval-every", "1", "--probe-epochs", "2", "--device", "cpu"]
 
 
-def run_script(script, *flags, out, timeout=600, env=None):
-    """Run `python script flags --out out`; returns (CompletedProcess, run folder or None)."""
+def run_script(script, *flags, out, timeout=600, env=None, cwd=ROOT):
+    """Run `python script flags --out out` in `cwd`; returns (CompletedProcess, run folder or None)."""
     cmd = [sys.executable, str(ROOT / script), *map(str, flags), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     folders = sorted(Path(out).glob("*/")) if Path(out).exists() else []
     return proc, (folders[-1] if folders else None)
 
@@ -36,18 +36,35 @@ def assert_complete_run(folder, rounds):
     """The run-folder contract every script shares (see README, Protocol)."""
     folder = Path(folder)
     for name in ("config.json", "partition.json", "metrics.jsonl", "checkpoint.pt", "curves.png",
-                 "partition.png", "summary.json"):
+                 "partition.png", "features.png", "encoder.pt", "summary.json"):
         assert (folder / name).is_file(), f"{name} missing in {folder}"
     summary, metrics, _ = read_run(folder)
     assert summary["complete"] is True
     assert [m["round"] for m in metrics] == list(range(1, rounds + 1))
     assert all(m["images_per_s"] > 0 and m["loss"] == m["loss"] for m in metrics)
-    assert "knn_acc" in metrics[-1]
+    assert "knn_acc" in metrics[-1] and "knn_acc" in metrics[0]       # the first and the last round are evaluated
     for key in ("knn_acc", "linear_acc"):
         assert 0 <= summary[key] <= 1
         assert 0 <= summary["random_encoder"][key] <= 1
     assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
     return summary, metrics
+
+
+def assert_encoder_reproduces(folder, knn_acc, index=None, tol_images=0):
+    """common.load_encoder(folder) is in eval mode and, fed through its own .preprocess, gives the kNN
+    accuracy the run reported on the run's own data (within tol_images test images)."""
+    import torch
+    import common
+    enc = common.load_encoder(folder, index)
+    assert not enc.training
+    cfg = json.loads((Path(folder) / "config.json").read_text())["args"]
+    args = common.RunArgs(**{k: v for k, v in cfg.items() if k in common.RunArgs.__dataclass_fields__})
+    data, _ = common.load_data(args, torch.device("cpu"))
+    with torch.no_grad():
+        bank, query = enc(enc.preprocess(data.train_x)), enc(enc.preprocess(data.test_x))
+    acc = (common.knn_predict(bank, data.train_y, query, data.num_classes) == data.test_y).float().mean().item()
+    assert abs(acc - knn_acc) <= tol_images / len(data.test_y) + 1e-7, (acc, knn_acc)
+    return enc
 
 
 def assert_bad_input(proc, out, needle):

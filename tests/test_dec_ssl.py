@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import common
 import dec_ssl
-from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script, resume_to
+from conftest import TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, run_script, resume_to
 
 
 def cos(a, b):
@@ -193,6 +193,7 @@ def test_end_to_end_every_objective(ssl, out):
     assert proc.returncode == 0, proc.stderr
     summary, metrics = assert_complete_run(folder, rounds=2)
     assert summary["ssl"] == ssl
+    assert_encoder_reproduces(folder, summary["knn_acc"])
     assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 3e-4])  # 2 rounds: decayed once, in round 2
 
 
@@ -207,6 +208,7 @@ def test_featarc_end_to_end_and_resume(out, tmp_path):
     best = summary["best_cluster"]
     assert best["linear_acc"] == max(c["linear_acc"] for c in summary["clusters"])
     assert best["knn_acc"] == summary["clusters"][best["cluster"]]["knn_acc"]
+    assert_encoder_reproduces(folder, summary["clusters"][1]["knn_acc"], index=1)    # one encoder per cluster
     for m in metrics:           # 2 of 4 clients per round, each in cluster 0 or 1; the others -1
         assert sorted(m["assign"])[:2] == [-1, -1] and all(a in (0, 1) for a in sorted(m["assign"])[2:])
         assert m["knn_acc"] == pytest.approx(sum(m["knn_clusters"]) / 2)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import common
 import feature_fusion as ff
 import neighborhood_match as nm
-from conftest import TINY, assert_bad_input, assert_complete_run, read_run, resume_to, run_script
+from conftest import TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, resume_to, run_script
 
 SMALL_BANKS = ["--queue-size", "64", "--remote-features", "16", "--remote-bank", "0", "--proj-dim", "16"]
 
@@ -199,6 +199,9 @@ def test_feature_fusion_end_to_end_and_resume(out, tmp_path):
     model = ff.MoCo(common.SmallCNN(1), 16)
     assert r1["model_bytes_up"] == r1["model_bytes_down"] == common.state_bytes(model)
     assert summary["fn_ratio_fused"] == r2["fn_ratio_fused"]
+    assert_encoder_reproduces(folder, summary["knn_acc"])
+    shown = [l for l in proc.stdout.splitlines() if l.startswith("  ") and "fn_ratio_local" in l]
+    assert len(shown) == 2 and "fn_ratio_fused" in shown[0] and "alignment" in shown[0]   # eval rounds' diagnostics
     # interrupted after round 1, resumed to 2: the same numbers as the uninterrupted run
     flags = list(TINY)
     flags[flags.index("--rounds") + 1] = "1"
@@ -222,7 +225,8 @@ def test_fusion_off_end_to_end(out):
 def test_neighborhood_match_end_to_end(out):
     proc, folder = run_script("neighborhood_match.py", *TINY, *SMALL_BANKS, "--nm-warmup", "0.5", out=out)
     assert proc.returncode == 0, proc.stderr
-    _, metrics = assert_complete_run(folder, rounds=2)
+    summary, metrics = assert_complete_run(folder, rounds=2)
+    assert_encoder_reproduces(folder, summary["knn_acc"])
     assert [m["nm_weight"] for m in metrics] == [0.0, 0.1]             # NM switched on after the warm-up
     others = read_run(folder)[2]["args"]["clients"] - 1
     # N = Q_r + Q_l (64 rows): round 1 has no remote rows yet, only the local queue

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import fed_cluster as fc
-from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script, resume_to
+from conftest import TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, run_script, resume_to
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +213,7 @@ def test_end_to_end(out, loss, extra, stage1_rounds):
     else:
         assert set(summary["stage1"]) == {"knn_acc", "linear_acc"}
     assert "stage 1" in proc.stdout and "clustering (test set): ACC" in proc.stdout
+    assert_encoder_reproduces(folder, summary["knn_acc"])
 
 
 def test_resume_with_kept_targets_reproduces_the_uninterrupted_run(tmp_path):

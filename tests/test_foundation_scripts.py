@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, assert_bad_input, assert_complete_run, read_run, run_script
+import common
+from conftest import ROOT, TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, run_script
 
 
 def test_fedavg_cl_end_to_end_writes_the_run_folder(out):
@@ -34,6 +35,9 @@ def test_local_cl_reports_every_client_and_their_mean(out):
     assert len(per) == 5
     assert summary["knn_acc"] == pytest.approx(sum(p["knn_acc"] for p in per) / 5)
     assert summary["knn_acc_std"] >= 0
+    assert_encoder_reproduces(folder, per[3]["knn_acc"], index=3)      # one encoder per client, by index
+    with pytest.raises(common.UserError, match="5 encoders, one per client: pass index=0..4"):
+        common.load_encoder(folder)
 
 
 def test_centralized_is_one_client_with_the_same_image_passes(out):

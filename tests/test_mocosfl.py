@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 import common
 import mocosfl
-from conftest import TINY, assert_bad_input, assert_complete_run, read_run, run_script, resume_to
+from conftest import TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, run_script, resume_to
 
 
 def make(clients=3, channels=1, **kw):
@@ -249,6 +249,8 @@ def test_end_to_end_5_clients_and_resume(out, tmp_path):
     assert summary["comm_smashed_mib"] == pytest.approx(2 * 2 * 32 * 3 * per_image / 2 ** 20)
     assert summary["comm_grads_mib"] == pytest.approx(summary["comm_smashed_mib"] / 2)
     assert summary["client_step_mib"] > 0
+    # the client and server halves joined into one encoder (channels-last there, so a vote may flip)
+    assert_encoder_reproduces(folder, summary["knn_acc"], tol_images=1)
     # interrupted after round 1, resumed: the same numbers as the uninterrupted run
     out2 = tmp_path / "resumed"
     proc, part = run_script("mocosfl.py", *flags, "--rounds", "1", out=out2)

@@ -1,0 +1,151 @@
+"""What a user sees: load_encoder, features.png with alignment/uniformity, curves.png, partition.png,
+the console's diagnostics and closing lines, and the bundled data found from any working directory."""
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import mocosfl
+from conftest import ROOT, TINY, assert_complete_run, assert_encoder_reproduces, run_script
+
+
+# --- alignment, uniformity, PCA against brute-force references ------------------------------------
+
+def test_alignment_and_uniformity_match_loop_references():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(7, 5), torch.randn(7, 5)
+    unit = lambda v: v / v.norm()
+    align = sum(((unit(a) - unit(b)) ** 2).sum().item() for a, b in zip(z1, z2)) / 7
+    pairs = list(itertools.combinations(range(7), 2))
+    uniform = math.log(sum(math.exp(-2 * ((unit(z1[i]) - unit(z1[j])) ** 2).sum().item()) for i, j in pairs) / len(pairs))
+    assert common.alignment(z1, z2) == pytest.approx(align, rel=1e-5)
+    assert common.uniformity(z1) == pytest.approx(uniform, rel=1e-5)
+    assert common.alignment(z1, 3 * z1) == pytest.approx(0.0, abs=1e-6)          # scale does not matter
+    assert common.uniformity(z1[:1].expand(5, 5)) == pytest.approx(0.0, abs=1e-6)  # collapse: log 1
+
+
+def test_pca_2d_matches_the_covariance_eigenvectors():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 6, generator=g) @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1])) + 2.0
+    mean, dirs, share = common.pca_2d(x)
+    vals, vecs = np.linalg.eigh(np.cov(x.numpy().T))              # ascending eigenvalues
+    for k in range(2):
+        assert abs(float(dirs[k].numpy() @ vecs[:, -1 - k])) == pytest.approx(1.0, abs=1e-6)   # same axis, any sign
+        assert share[k] == pytest.approx(vals[-1 - k] / vals.sum(), rel=1e-6)
+    assert torch.allclose(mean, x.double().mean(0))
+
+
+# --- plots: what is drawn ---------------------------------------------------------------------------
+
+def test_curves_show_the_untrained_baseline_integer_rounds_and_a_full_title(tmp_path):
+    hist = [{"round": r, "loss": 3.0 - 0.1 * r, **({"knn_acc": 0.70 + 0.01 * r} if r in (1, 3) else {})}
+            for r in range(1, 4)]                                  # 3 rounds: matplotlib alone would tick 0.5, 1.0, ...
+    title = "mocosfl: fmnist, 2 classes per client, 10 clients, seed 3"
+    drawn = common.plot_curves(hist, tmp_path / "c.png", title, baseline=0.65)
+    assert (tmp_path / "c.png").stat().st_size > 5000
+    assert drawn["ylim"][0] <= 0.65 <= drawn["ylim"][1]                # the baseline is on the axis
+    assert any("untrained network (0.650)" in label for label in drawn["labels"])
+    assert drawn["xticks"] and all(float(t).is_integer() for t in drawn["xticks"])
+    assert drawn["title"] == title
+    one = common.plot_curves(hist[:1], tmp_path / "d.png", title, baseline=0.65)     # a one-round run
+    assert one["xticks"] == [1.0]
+
+
+def test_title_names_method_partition_clients_and_seed():
+    args = common.RunArgs(partition="dirichlet", alpha=0.1, clients=10, seed=4)
+    assert common.Run.title(SimpleNamespace(args=args, script="dec_ssl")) == \
+        "dec_ssl: fmnist, Dirichlet alpha 0.1, 10 clients, seed 4"
+    args.clients = 1
+    assert "centralized, 1 client," in common.Run.title(SimpleNamespace(args=args, script="fedavg_cl"))
+
+
+def test_partition_plot_names_classes_and_labels_clients(tmp_path):
+    counts = np.arange(50).reshape(5, 10)
+    drawn = common.plot_partition(counts, tmp_path / "p.png", "t", common.CLASS_NAMES["fmnist"])
+    assert drawn["xticklabels"][0] == "T-shirt/top" and drawn["xticklabels"][9] == "Ankle boot"
+    assert drawn["yticklabels"] == ["0", "1", "2", "3", "4"]                   # every client
+    assert (tmp_path / "p.png").stat().st_size > 5000
+    many = common.plot_partition(np.ones((1000, 100), dtype=int), tmp_path / "q.png", "t", None)
+    assert many["yticklabels"][0] == "0" and many["yticklabels"][-1] == "999" and len(many["yticklabels"]) <= 41
+    assert many["xticklabels"] == [str(k) for k in range(0, 100, 10)]           # CIFAR-100: numbers
+
+
+def test_first_and_last_round_are_evaluated_so_mocosfl_default_draws_a_line():
+    args = mocosfl.Args()
+    args.check()                                                 # resolves the code's rule: rounds, pool
+    run = SimpleNamespace(args=args)
+    evals = [r for r in range(1, args.rounds + 1) if common.Run.is_eval_round(run, r)]
+    assert args.eval_every > args.rounds and evals == [1, args.rounds]
+
+
+# --- console ---------------------------------------------------------------------------------------
+
+def test_final_report_gives_the_gain_and_warns_when_training_did_not_help():
+    rand = {"knn_acc": 0.70, "linear_acc": 0.80}
+    good = common.final_report({"knn_acc": 0.75, "linear_acc": 0.82}, rand)
+    assert good[2].split()[:5] == ["gain:", "kNN", "+0.0500", "linear", "+0.0200"]
+    assert not any(l.startswith("warning:") for l in good)
+    bad = common.final_report({"knn_acc": 0.6990, "linear_acc": 0.82}, rand)
+    assert bad[-1].startswith("warning:") and "kNN -0.0010" in bad[-1] and "linear" not in bad[-1].split("(")[1]
+    equal = common.final_report({"knn_acc": 0.75, "linear_acc": 0.80}, rand)
+    assert equal[-1].startswith("warning:") and "linear +0.0000" in equal[-1]
+    no_probe = common.final_report({"knn_acc": 0.75, "linear_acc": float("nan")}, {**rand, "linear_acc": float("nan")})
+    assert not any(l.startswith("warning:") for l in no_probe)
+
+
+def test_format_metrics_is_short():
+    line = common.format_metrics({"fn_ratio_local": 0.498765, "model_bytes_up": 123456.0, "assign": [0, 1, -1] * 5,
+                                  "lr": 1e-3})
+    assert line == "fn_ratio_local 0.4988  model_bytes_up 123456  assign [0, 1, -1, 0, 1, -1, 0, 1, -1, 0, ...]  lr 0.001"
+
+
+# --- data found from anywhere; a user's relative path stays relative ---------------------------------
+
+def test_data_dir_default_is_the_repository_and_a_given_path_is_kept():
+    assert common.data_path(common.RunArgs()) == ROOT / "data"
+    assert common.data_path(common.RunArgs(data_dir="mine")) == Path("mine")
+
+
+# --- one tiny fedavg run, started from another folder -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def elsewhere(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    flags = [*TINY, "--train-size", "300", "--test-size", "100", "--rounds", "1", "--probe-epochs", "1"]
+    proc, folder = run_script("fedavg_cl.py", *flags, out=cwd / "runs", cwd=cwd)
+    return proc, folder
+
+
+def test_a_script_run_from_another_folder_finds_the_bundled_data(elsewhere):
+    proc, folder = elsewhere
+    assert proc.returncode == 0, proc.stderr
+    summary, metrics = assert_complete_run(folder, rounds=1)
+    assert {"alignment", "uniformity"} <= set(metrics[0]) and 0 <= metrics[0]["alignment"] <= 4
+    gain = re.search(r"^gain: +kNN ([-+]\d\.\d{4})  linear ([-+]\d\.\d{4})", proc.stdout, re.M)
+    assert gain and float(gain[1]) == pytest.approx(summary["knn_acc"] - summary["random_encoder"]["knn_acc"], abs=1e-4)
+    assert ("warning:" in proc.stderr) == (float(gain[1]) <= 0 or float(gain[2]) <= 0)
+
+
+def test_loaded_encoder_reproduces_the_runs_knn_and_the_readme_example_runs(elsewhere):
+    proc, folder = elsewhere
+    assert proc.returncode == 0, proc.stderr
+    enc = assert_encoder_reproduces(folder, json.loads((folder / "summary.json").read_text())["knn_acc"])
+    assert torch.load(folder / "encoder.pt", weights_only=True)["per"] == "client"
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    assert torch.equal(enc.preprocess(x), enc.preprocess(x.float() / 255))      # uint8 or [0, 1] floats
+    with pytest.raises(ValueError, match="N x 1 x H x W"):
+        enc.preprocess(torch.zeros(4, 3, 28, 28))
+    snippet = re.search(r"```python\n(.*?load_encoder.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
+    snippet = re.sub(r'load_encoder\("[^"]*"\)', f'load_encoder("{folder}")', snippet)
+    g = torch.Generator().manual_seed(0)
+    ns = {"my_images": torch.randint(0, 256, (120, 1, 28, 28), dtype=torch.uint8, generator=g),
+          "my_labels": torch.arange(120) % 10}
+    exec(snippet, ns)
+    assert ns["feats"].shape == (120, 128) and 0 <= ns["accuracy"] <= 1
