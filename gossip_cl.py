@@ -254,6 +254,7 @@ def main():
     consensus = run.evaluate(clients.load_average().encoder)
     keys = per_client[0].keys()                                   # whatever the shared evaluation returns
     run.finish(results={k: np.mean([r[k] for r in per_client]) for k in keys},
+               encoder=clients.load_average().encoder,    # encoder.pt and features.png: the consensus model
                **{f"{k}_std": np.std([r[k] for r in per_client]) for k in keys},
                per_client=per_client, consensus=consensus, topology=args.topology, lambda_2=lam2,
                spectral_gap=1 - lam2, degrees=adj.sum(1).tolist(), bytes_sent_per_client_per_round=float(sent))
