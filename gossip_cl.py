@@ -52,6 +52,8 @@ class Args(common.RunArgs):
     """NT-Xent temperature (0.2 chosen on a held-out validation split for batch 128; --preset paper uses SimCLR's 0.5)"""
     proj_dim: int = 128
     """output size of the projection head"""
+    crop_min: float = 0.5
+    """smallest crop area; fedavg_cl.py's holdout-chosen 0.5 (the same SimCLR learner, so only the graph differs)"""
     topology: str = "ring"
     """communication graph: ring | torus | random (Erdos-Renyi, --degree) | complete | none (local training)"""
     degree: int = 3
