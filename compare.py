@@ -306,7 +306,8 @@ def run_all(cells: list, jobs: int) -> list:
             cell, (rc, secs, log) = futures[fut], fut.result()
             if rc == 0 and cell.run_folder() is not None:
                 s = json.loads((cell.run_folder() / "summary.json").read_text())
-                msg = f"kNN {s['knn_acc']:.4f}  linear {s['linear_acc']:.4f}"
+                msg = (f"kNN {s['knn_acc']:.4f}  linear {s['linear_acc']:.4f}  kNN 1 % labels {s['knn_acc_1pct']:.4f} "
+                       f"(gain over untrained {s['gain']['knn_acc_1pct']:+.4f})")
             else:
                 failed.append(cell)
                 msg = f"FAILED (exit {rc}); see {log}"
@@ -431,10 +432,10 @@ def warning_line(args: Args) -> list:
     if args.quick:
         return ["**Pipeline check (`--quick`): a tiny budget and one seed. These numbers check that the pipeline "
                 "runs end to end, not how the methods compare.**", ""]
-    setting = {k: v for k, v in changed_flags(args).items() if k not in SELECTION}
+    setting = [f"--{k.replace('_', '-')} {v}" for k, v in changed_flags(args).items() if k not in SELECTION]
     if setting:
-        return [f"**Not the reference setting** (changed: {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in setting.items())}): "
-                "compare these numbers only with runs of the same setting.", ""]
+        return [f"**Not the reference setting** (changed: {', '.join(setting)}): compare these numbers only with "
+                "runs of the same setting.", ""]
     return []
 
 
@@ -634,7 +635,7 @@ def plot(path: Path, results: list, table: dict, args: Args):
     parts, metrics = args.partition_list, ("knn_acc", "knn_acc_1pct")
     width = 4.2 * len(parts) + 2.6
     fig, axes = plt.subplots(2, len(parts), figsize=(width, 7.2), squeeze=False, sharey="row")
-    colors = plt.get_cmap("tab20")
+    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors)   # 18 distinct colours
     for col, part in enumerate(parts):
         for row, metric in enumerate(metrics):
             ax = axes[row][col]
@@ -646,7 +647,7 @@ def plot(path: Path, results: list, table: dict, args: Args):
                 rounds = sorted(set.intersection(*[{c[0] for c in r["curve"][metric]} for r in runs]))
                 ys = np.array([[dict(map(tuple, r["curve"][metric]))[x] for x in rounds] for r in runs])
                 mean, std = ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros(len(rounds))
-                color = colors(i % 20)
+                color = palette[i % len(palette)]
                 ax.plot(rounds, mean, marker="o", ms=3, color=color, label=key)
                 ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.15, lw=0)
                 if (st := table.get(key, {}).get(part, {}).get(metric)) is not None:
@@ -657,12 +658,14 @@ def plot(path: Path, results: list, table: dict, args: Args):
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("kNN accuracy, all labels")
         axes[1][0].set_ylabel("kNN accuracy, 1 % of the labels")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend = {}                                   # every row once, from whichever panel drew it
+    for ax in axes.flat:
+        legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
+    legend = {key: legend[key] for key in args.method_list if key in legend}           # in the table's order
     from matplotlib.lines import Line2D
-    handles.append(Line2D([], [], color="gray", ls="--"))
-    labels.append("dashed: the row's own\nuntrained network")
-    fig.legend(handles, labels, fontsize=8, loc="center right")
-    fig.suptitle("mean over seeds, band ± std")
+    legend["dashed: the row's own\nuntrained network"] = Line2D([], [], color="gray", ls="--")
+    fig.legend(legend.values(), legend.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1 - 2.5 / width, 0.5))
+    fig.suptitle("kNN accuracy, mean over seeds with a ± std band")
     fig.tight_layout(rect=(0, 0, 1 - 2.5 / width, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
