@@ -48,7 +48,8 @@ Rows differ in their networks (mocosfl: GroupNorm + WS), so compare rows by thei
 
 Run:      python compare.py                   (3 seeds x (3 partitions x 11 rows + 4 fed_cluster variants
                                                + centralized) = 114 runs; meant for a GPU with the default
-                                               --jobs: hours on a 2-core CPU)
+                                               --jobs; on 2 CPU cores about 14 hours, estimated from one
+                                               default fedavg_cl run, 285 s, and the rows' GPU time ratios)
           python compare.py --quick           (one seed, tiny budget: checks the pipeline, not the methods;
                                                about 5 minutes on 2 cores; writes runs/compare-quick/)
           python compare.py --methods fedavg_cl,mocosfl --partitions classes --seeds 0
