@@ -1115,10 +1115,11 @@ class Run:
         (written last). `results` (instead of an encoder): a dict with every key of evaluate(), e.g. a
         mean over clients."""
         results = {k: _num(v) for k, v in results.items()} if results is not None else self.evaluate(encoder)
-        if missing := [k for k in EVAL_KEYS if k not in results]:
-            raise ValueError(f"run.finish(results=...) lacks {missing}: pass every key of run.evaluate()")
+        if missing := [k for k in EVAL_KEYS if k not in results]:      # a method's own results= dict; keep its run
+            print(f"warning: run.finish(results=...) lacks {', '.join(missing)}: average every key of "
+                  "run.evaluate(), or compare.py leaves these cells empty", file=sys.stderr)
         rand = self.evaluate(self.random_encoder())
-        gain = {k: results[k] - rand[k] for k in EVAL_KEYS}      # what training added, paired (same seed, network)
+        gain = {k: results[k] - rand[k] for k in EVAL_KEYS if k in results}   # what training added (same seed, network)
         summary = {**results, "random_encoder": rand, "gain": gain,
                    "images_per_s": self.images_total / max(self.train_s_total, 1e-9),
                    "wall_s": self.elapsed0 + time.time() - self._t0, "rounds": self.args.rounds,
