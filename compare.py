@@ -362,6 +362,8 @@ def aggregate(results: list, args: Args) -> dict:
 
     table = {}
     for key in args.method_list:
+        if ROWS[key].only and not set(ROWS[key].only) & set(args.partition_list):
+            continue                                  # a row of other columns (fed_cluster's variants): no line
         runs = [r for r in results if r["method"] == key]
         table[key] = {p: {m: st for m in METRICS if (st := stats(cell, m))} for p in args.partition_list
                       if (cell := [r for r in runs if r["partition"] in (p, "all")])}
