@@ -130,6 +130,9 @@ def test_ledger_pairs_by_seed_and_reads_each_claims_metric():
     results += [fake_cell("fedavg_cl", "classes", 3, 0.9, 0.9)]                   # seed 3: no partner, not paired
     results += [fake_cell("dec_ssl", p, s, 0.6 - (0.01 * s if p == "classes" else 0), 0.7)  # up to 0.02 worse
                 for p in ("iid", "classes") for s in (0, 1, 2)]
+    # different networks: mocosfl's untrained kNN is 0.2 higher, so its raw lead of 0.05 is a gain deficit of 0.15
+    results += [fake_cell("mocosfl", "classes", s, 0.75, 0.8, rand=(0.5, 0.2)) for s in (0, 1)]
+    results += [fake_cell("fedavg_moco", "classes", s, 0.7, 0.8) for s in (0, 1)]
     results += [fake_cell("fed_cluster", "classes", s, 0.6, 0.7, cluster_acc=0.5, stage1=None) for s in (0, 1)]
     results += [fake_cell("fed_cluster_cc", "classes", s, 0.6, 0.7, cluster_acc=0.4 + 0.1 * s,
                           stage1={m: 0.5 for m in compare.METRICS}) for s in (0, 1)]
@@ -146,7 +149,9 @@ def test_ledger_pairs_by_seed_and_reads_each_claims_metric():
     stage1 = rows[("fed_cluster@classes", "fed_cluster_cc@classes", "stage1.knn_acc_1pct")]  # fed_cluster: no stage 1
     assert stage1["diffs"] == [] and stage1["verdict"] == "inconclusive" and "fed_cluster@classes" in stage1["why"]
     mocosfl = rows[("mocosfl@classes", "fedavg_moco@classes", "knn_acc_1pct")]
-    assert mocosfl["verdict"] == "inconclusive" and mocosfl["why"].startswith("not run")
+    assert mocosfl["diffs"] == pytest.approx([-0.15, -0.15]) and mocosfl["verdict"] == "does not hold"
+    nm = rows[("neighborhood_match@classes", "feature_fusion@classes", "knn_acc_1pct")]
+    assert nm["verdict"] == "inconclusive" and nm["why"].startswith("not run")
 
 
 def test_every_claim_names_rows_and_partitions_that_exist():
