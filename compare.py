@@ -433,8 +433,8 @@ def default_out(args: Args) -> Path:
 def warning_line(args: Args) -> list:
     """The first line of every markdown this run writes when its numbers are not the reference setting's."""
     if args.quick:
-        return ["**Pipeline check (`--quick`): a tiny budget and one seed. These numbers check that the pipeline "
-                "runs end to end, not how the methods compare.**", ""]
+        return ["**Pipeline check (`--quick`): a tiny budget (one seed unless --seeds). These numbers check that "
+                "the pipeline runs end to end, not how the methods compare.**", ""]
     setting = [f"--{k.replace('_', '-')} {v}" for k, v in changed_flags(args).items() if k not in SELECTION]
     if setting:
         return [f"**Not the reference setting** (changed: {', '.join(setting)}): compare these numbers only with "
