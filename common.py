@@ -671,6 +671,19 @@ def knn_predict(bank, bank_y, query, num_classes: int, k: int = 200, t: float = 
     return torch.cat(preds)
 
 
+FEW_LABELS = {"1pct": 0.01, "10pct": 0.10}   # the papers' semi-supervised fractions of the training labels
+EVAL_KEYS = ("knn_acc", "linear_acc", *(f"{m}_{n}" for n in FEW_LABELS for m in ("knn_acc", "linear_acc")))
+
+
+def few_label_subset(labels: np.ndarray, fraction: float, num_classes: int, seed: int) -> np.ndarray:
+    """Class-balanced seeded subset: round(fraction * N / classes) images of every class (at least one;
+    all of a class that has fewer), sorted positions into `labels`."""
+    per_class = max(1, round(fraction * len(labels) / num_classes))
+    rng = np.random.default_rng([seed, round(fraction * 1e6)])   # its own stream: one subset per fraction
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)]
+    return np.sort(np.concatenate(picked))
+
+
 def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=30, seed=0, batch=256, lr=1e-2):
     """One recipe for every method: standardise frozen features with training statistics, train one
     linear layer with Adam (cosine decay), report test accuracy after the LAST epoch."""
@@ -998,7 +1011,7 @@ class Run:
         row = {"round": rnd, "loss": _num(loss), "images": int(images),
                "images_per_s": images / max(train_s, 1e-9)}
         if encoder is not None and self.is_eval_round(rnd):
-            row["knn_acc"] = self.knn(encoder)
+            row.update(self.monitor(encoder))
             row.update(self.geometry(encoder))
         row.update({k: _num(v) for k, v in extra.items()})
         self.images_total += int(images)
@@ -1028,13 +1041,20 @@ class Run:
         return out
 
     # --- evaluation -------------------------------------------------------------------------
-    def knn(self, encoder: nn.Module) -> float:
+    def monitor(self, encoder: nn.Module) -> dict:
+        """The per-round kNN monitor from one pass of features: the whole training set as the bank (knn_acc)
+        and the 1 % label subset as the bank (knn_acc_1pct, the few-label curve)."""
         t = time.time()
         bank = features(encoder, self.data.train_x, self.augment)
         query = features(encoder, self.data.test_x, self.augment)
-        pred = knn_predict(bank, self.data.train_y, query, self.data.num_classes)
+        ids = self.few_label_ids["1pct"]
+        acc = lambda f, y: (knn_predict(f, y, query, self.data.num_classes) == self.data.test_y).float().mean().item()
+        out = {"knn_acc": acc(bank, self.data.train_y), "knn_acc_1pct": acc(bank[ids], self.data.train_y[ids])}
         self._eval_s += time.time() - t
-        return (pred == self.data.test_y).float().mean().item()
+        return out
+
+    def knn(self, encoder: nn.Module) -> float:
+        return self.monitor(encoder)["knn_acc"]
 
     @torch.no_grad()
     def geometry(self, encoder: nn.Module, n: int = 512) -> dict:
@@ -1055,15 +1075,32 @@ class Run:
         return out
 
     def evaluate(self, encoder: nn.Module) -> dict:
-        """kNN and linear probe of a frozen encoder (seeded, so it does not depend on training RNG)."""
+        """kNN and linear probe of a frozen encoder (seeded, so it does not depend on training RNG), with all
+        training labels and with the few-label subsets (bank / probe set = the subset; queries = the test set).
+        Keys: EVAL_KEYS, e.g. knn_acc, linear_acc, knn_acc_1pct, linear_acc_10pct."""
         t = time.time()
         tr = features(encoder, self.data.train_x, self.augment)
         te = features(encoder, self.data.test_x, self.augment)
-        knn = (knn_predict(tr, self.data.train_y, te, self.data.num_classes) == self.data.test_y).float().mean().item()
-        lin = linear_probe(tr, self.data.train_y, te, self.data.test_y, self.data.num_classes,
-                           self.args.probe_epochs, seed=self.args.seed)
+        out = {}
+        for name, ids in {"": None, **self.few_label_ids}.items():
+            f, y = (tr, self.data.train_y) if ids is None else (tr[ids], self.data.train_y[ids])
+            key = f"_{name}" if name else ""
+            pred = knn_predict(f, y, te, self.data.num_classes)                 # k = min(200, bank size)
+            out["knn_acc" + key] = (pred == self.data.test_y).float().mean().item()
+            out["linear_acc" + key] = linear_probe(f, y, te, self.data.test_y, self.data.num_classes,
+                                                   self.args.probe_epochs, seed=self.args.seed)
         self._eval_s += time.time() - t
-        return {"knn_acc": knn, "linear_acc": lin}
+        return {k: out[k] for k in EVAL_KEYS}
+
+    @property
+    def few_label_ids(self) -> dict:
+        """{"1pct": index tensor, "10pct": ...}: the same subsets for every encoder of a run (seeded by --seed)."""
+        if not hasattr(self, "_few_label_ids"):
+            labels = self.data.train_y.cpu().numpy()
+            self._few_label_ids = {name: torch.as_tensor(few_label_subset(labels, frac, self.data.num_classes,
+                                                                          self.args.seed), device=self.device)
+                                   for name, frac in FEW_LABELS.items()}
+        return self._few_label_ids
 
     def random_encoder(self) -> nn.Module:
         """A freshly initialised encoder of the same architecture (seeded apart from training)."""
@@ -1075,10 +1112,15 @@ class Run:
                encoders: list | None = None, encoders_per: str = "client", **extra):
         """Final evaluation, the random-encoder row, encoder.pt (the trained `encoder`, or the list
         `encoders` of a run with one per client / cluster), curves.png, features.png, and summary.json
-        (written last)."""
+        (written last). `results` (instead of an encoder): a dict with every key of evaluate(), e.g. a
+        mean over clients."""
         results = {k: _num(v) for k, v in results.items()} if results is not None else self.evaluate(encoder)
+        if missing := [k for k in EVAL_KEYS if k not in results]:      # a method's own results= dict; keep its run
+            print(f"warning: run.finish(results=...) lacks {', '.join(missing)}: average every key of "
+                  "run.evaluate(), or compare.py leaves these cells empty", file=sys.stderr)
         rand = self.evaluate(self.random_encoder())
-        summary = {**results, "random_encoder": rand,
+        gain = {k: results[k] - rand[k] for k in EVAL_KEYS if k in results}   # what training added (same seed, network)
+        summary = {**results, "random_encoder": rand, "gain": gain,
                    "images_per_s": self.images_total / max(self.train_s_total, 1e-9),
                    "wall_s": self.elapsed0 + time.time() - self._t0, "rounds": self.args.rounds,
                    **{k: _num(v) if not isinstance(v, (dict, list, str)) else v for k, v in extra.items()},

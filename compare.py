@@ -1,23 +1,30 @@
-"""The results table: every method on the same partitions, seeds, encoder, budget and evaluation.
+"""The results table and the claims ledger: every method on the same partitions, seeds, encoder, budget and evaluation.
 
 Each cell (method x partition x seed) is one run of the method's own script in a subprocess,
-`python X.py <shared flags> <method flags> --out results/runs/...`; this file only reads what the runs
+`python X.py <shared flags> <method flags> --out OUT/runs/...`; this file only reads what the runs
 wrote (summary.json, metrics.jsonl) and writes
-  results/results.md    the tables (linear probe and kNN, mean +- std over seeds, wall-clock per row),
-                        with the exact command line and the device above them
-  results/results.png   kNN accuracy against rounds, one line per method, one panel per partition
-  results/results.json  every cell's numbers (the tables are computed from it)
+  OUT/results.md    the tables: kNN and linear probe with all, 1 % and 10 % of the training labels; every cell
+                    is the trained encoder's mean +- std over seeds AND (in brackets) its gain over the run's
+                    own untrained network of the same architecture (paired by seed), wall-clock per row
+  OUT/claims.md     the claims ledger: per claim of the papers, the paired per-seed differences, their mean,
+                    95 % t-interval and the verdict read from it (the rule is written at its top; CLAIMS below)
+  OUT/results.png   kNN accuracy against rounds with all labels and with 1 % of them, one panel per partition,
+                    +- std bands over seeds, each row's own untrained network dashed in its colour
+  OUT/results.json  every cell's numbers, the table and the ledger
+and prints the tables and the ledger at the end. OUT is results/ (committed) only for the default setting;
+--quick writes runs/compare-quick/, any other setting runs/compare-<hash of its flags>/ (an explicit --out wins).
 It is resumable: a cell whose run folder holds a complete summary.json for the same command is not run
 again, an interrupted one continues with the method's own --resume, so re-running the same command
 after Ctrl-C (or after adding a method) only runs what is missing. A cell is keyed by its command line,
-not by the method's code: after changing a method, delete results/runs/<row>/ to run it again. Run
-folders (results/runs/) are not committed.
+not by the method's code: after changing a method, delete OUT/runs/<row>/ to run it again. Run
+folders (OUT/runs/) are not committed.
 
 What is the same for every row (the shared protocol, see README): dataset and its --train-size subset,
 the partition (same --seed => same indices in every method), the encoder (cnn, width 32), --clients,
-the evaluation (kNN k=200 t=0.1 every --eval-every rounds; linear probe, last of --probe-epochs) and the
-image-pass budget: --rounds R x --local-epochs E, i.e. every image of every client is seen E times per
-round, R x E times in all. Per method (each keeps its own hyper-parameters: optimizer, lr, tau, ...):
+the evaluation (kNN k=200 t=0.1 every --eval-every rounds; linear probe, last of --probe-epochs; the same
+few-label subsets) and the image-pass budget: --rounds R x --local-epochs E, i.e. every image of every
+client is seen E times per round, R x E times in all. Per method (each keeps its own hyper-parameters:
+optimizer, lr, tau, ...):
   local_cl              R rounds x E local epochs, no server; each client alone; numbers = mean over clients
   fedavg_cl             R x E, FedAvg + SimCLR
   gossip_ring           R x E, SimCLR clients, no server: one gossip step with the 2 ring neighbours per round;
@@ -32,18 +39,21 @@ round, R x E times in all. Per method (each keeps its own hyper-parameters: opti
                         steps per round = E x mean client size // b; its own batch rule b = 100 // clients
                         images per client per step (server batch ~100; --batch-size is not passed), its own
                         network norm (GroupNorm + weight standardisation: it refuses BatchNorm), SGD 0.06
-  fed_cluster           R x E; rounds 1..R - R//2 stage 1 (representation), the last R//2 stage 2 (clustering)
+  fed_cluster           R x E; rounds 1..R - R//2 stage 1 (representation), the last R//2 stage 2 (clustering);
+                        losses N+C / C (its default); fed_cluster_cc / _nc / _cn / _1stage: the other losses and
+                        the one-stage baseline, for Miao & Koyuncu's orderings (2 classes per client only)
   centralized           fedavg_cl --clients 1: one client with all images, R x E epochs; no partition, so
                         one run per seed, repeated in every column
-  random encoder        not a run: summary.json's random_encoder of the fedavg_cl cells (an untrained
-                        encoder of the same architecture under the same evaluation)
+Rows differ in their networks (mocosfl: GroupNorm + WS), so compare rows by their gain, not by raw accuracy.
 
-Run:      python compare.py                   (3 seeds x (3 partitions x 11 rows + centralized) = 102 runs;
-                                               meant for a GPU with the default --jobs, about 400k
-                                               training views per run: hours on a 2-core CPU)
-          python compare.py --quick           (one seed, tiny budget, 34 runs: a few minutes on 2 cores)
+Run:      python compare.py                   (3 seeds x (3 partitions x 11 rows + 4 fed_cluster variants
+                                               + centralized) = 114 runs; meant for a GPU with the default
+                                               --jobs; on 2 CPU cores about 14 hours, estimated from one
+                                               default fedavg_cl run, 285 s, and the rows' GPU time ratios)
+          python compare.py --quick           (one seed, tiny budget: checks the pipeline, not the methods;
+                                               about 5 minutes on 2 cores; writes runs/compare-quick/)
           python compare.py --methods fedavg_cl,mocosfl --partitions classes --seeds 0
-Then copy results/results.md into the README (nothing in it is typed by hand).
+Then paste results/results.md and results/claims.md into the README (nothing in them is typed by hand).
 """
 from __future__ import annotations
 
@@ -76,6 +86,7 @@ class Row:
     flags: tuple = ()             # added after the shared flags (the last value of a flag wins)
     drop: tuple = ()              # shared flags this method does not take
     partitioned: bool = True      # False: one run per seed, shown in every partition's column
+    only: tuple = ()              # the partitions this row runs on (empty = all)
 
 
 # One line per row of the table, in this order (adding a method = adding a line).
@@ -91,11 +102,22 @@ ROWS = {
     "dec_ssl": Row("dec_ssl (Dec-SSL: FedAvg + SimCLR)", "dec_ssl.py"),
     "dec_ssl_featarc": Row("dec_ssl --featarc (FeatARC, mean of 2 cluster models)", "dec_ssl.py", ("--featarc", "true")),
     "mocosfl": Row("mocosfl (MocoSFL-1)", "mocosfl.py", drop=("--batch-size",)),
-    "fed_cluster": Row("fed_cluster (two stages, encoder after stage 2)", "fed_cluster.py"),
+    "fed_cluster": Row("fed_cluster (N+C / C: two stages, encoder after stage 2)", "fed_cluster.py"),
+    # Miao & Koyuncu's orderings (ledger only; stage-1 / stage-2 losses; their claims are about non-IID clients)
+    "fed_cluster_cc": Row("fed_cluster C / C", "fed_cluster.py", ("--loss", "contrastive"), only=("classes",)),
+    "fed_cluster_nc": Row("fed_cluster N / C", "fed_cluster.py", ("--loss", "noncontrastive"), only=("classes",)),
+    "fed_cluster_cn": Row("fed_cluster C / N", "fed_cluster.py", ("--loss", "contrastive", "--cluster-loss",
+                          "noncontrastive"), only=("classes",)),
+    "fed_cluster_1stage": Row("fed_cluster one-stage C / C", "fed_cluster.py", ("--loss", "contrastive",
+                              "--cluster-rounds", "{rounds}"), only=("classes",)),
     "centralized": Row("centralized (fedavg_cl --clients 1)", "fedavg_cl.py", ("--clients", "1"), partitioned=False),
 }
 PARTITIONS = {"iid": "IID", "classes": "{k} classes per client", "dirichlet": "Dirichlet {alpha}"}
-RANDOM_FROM = "fedavg_cl"      # whose runs' random_encoder gives the random-encoder row
+METRICS = {"knn_acc": "kNN accuracy (all labels)", "knn_acc_1pct": "kNN accuracy, 1 % of the labels",
+           "knn_acc_10pct": "kNN accuracy, 10 % of the labels", "linear_acc": "Linear probe accuracy (all labels)",
+           "linear_acc_1pct": "Linear probe accuracy, 1 % of the labels",
+           "linear_acc_10pct": "Linear probe accuracy, 10 % of the labels"}
+assert set(METRICS) == set(common.EVAL_KEYS)
 
 
 @dataclass
@@ -103,8 +125,9 @@ class Args:
     quick: bool = False
     """tiny budget and one seed (the whole pipeline in a few minutes on 2 cores); explicit flags override it"""
     methods: str = "all"
-    """comma-separated rows (all = every row): local_cl, fedavg_cl, gossip_ring, gossip_complete, fedavg_moco, feature_fusion, neighborhood_match,
-    dec_ssl, dec_ssl_featarc, mocosfl, fed_cluster, centralized"""
+    """comma-separated rows (all = every row): local_cl, fedavg_cl, gossip_ring, gossip_complete, fedavg_moco,
+    feature_fusion, neighborhood_match, dec_ssl, dec_ssl_featarc, mocosfl, fed_cluster, fed_cluster_cc, fed_cluster_nc,
+    fed_cluster_cn, fed_cluster_1stage, centralized"""
     partitions: str = "iid,classes,dirichlet"
     """comma-separated columns: iid | classes (--classes-per-client) | dirichlet (--alpha)"""
     seeds: str = "0,1,2"
@@ -137,8 +160,9 @@ class Args:
     """auto | cpu | cuda, passed to every run"""
     jobs: int = 0
     """runs at once; 0 = 1 on a CPU, min(8, cores // 2) with a GPU (small runs leave a GPU mostly idle)"""
-    out: str = "results"
-    """where results.md/.png/.json go; run folders go to OUT/runs/"""
+    out: str = ""
+    """where results.md/.png/.json and claims.md go (run folders: OUT/runs/); empty = results/ for the default
+    setting (the committed table), runs/compare-quick/ for --quick, runs/compare-<hash>/ for any other"""
 
     QUICK: ClassVar[dict] = dict(seeds="0", clients=5, rounds=2, train_size=1000, test_size=500, batch_size=32,
                                  eval_every=1, probe_epochs=5)
@@ -235,13 +259,14 @@ def method_flags(key: str, args: Args, partition: str, seed: int) -> list:
     for name in row.drop:
         i = flags.index(name)
         del flags[i:i + 2]
-    return [row.script, *flags, *row.flags]
+    return [row.script, *flags, *(f.format(rounds=args.rounds) for f in row.flags)]
 
 
 def make_cells(args: Args, runs: Path) -> list:
     cells = []
     for key in args.method_list:
-        parts = args.partition_list if ROWS[key].partitioned else ["all"]
+        parts = [p for p in args.partition_list if not ROWS[key].only or p in ROWS[key].only]
+        parts = parts if ROWS[key].partitioned else ["all"]
         for part in parts:
             for seed in args.seed_list:
                 flags = method_flags(key, args, part, seed)
@@ -282,7 +307,8 @@ def run_all(cells: list, jobs: int) -> list:
             cell, (rc, secs, log) = futures[fut], fut.result()
             if rc == 0 and cell.run_folder() is not None:
                 s = json.loads((cell.run_folder() / "summary.json").read_text())
-                msg = f"kNN {s['knn_acc']:.4f}  linear {s['linear_acc']:.4f}"
+                msg = (f"kNN {s['knn_acc']:.4f}  linear {s['linear_acc']:.4f}  kNN 1 % labels {s['knn_acc_1pct']:.4f} "
+                       f"(gain over untrained {s['gain']['knn_acc_1pct']:+.4f})")
             else:
                 failed.append(cell)
                 msg = f"FAILED (exit {rc}); see {log}"
@@ -306,11 +332,14 @@ def read_cell(cell: Cell):
         return None
     s = json.loads((folder / "summary.json").read_text())
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rand = s["random_encoder"]
     return {"method": cell.method, "partition": cell.partition, "seed": cell.seed, "run": str(folder.relative_to(ROOT))
             if folder.is_relative_to(ROOT) else str(folder), "command": "python " + shlex.join(cell.flags),
-            "knn_acc": s["knn_acc"], "linear_acc": s["linear_acc"], "random_encoder": s["random_encoder"],
+            **{m: s.get(m) for m in METRICS}, "random_encoder": {m: rand.get(m) for m in METRICS},
+            "gain": {m: s[m] - rand[m] if m in s and m in rand else None for m in METRICS},
+            **{k: s[k] for k in ("stage1", "cluster_acc", "nmi", "ari") if k in s},      # fed_cluster's ledger rows
             "wall_s": s["wall_s"], "images_per_s": s["images_per_s"],
-            "curve": [[m["round"], m["knn_acc"]] for m in metrics if "knn_acc" in m]}
+            "curve": {m: [[r["round"], r[m]] for r in metrics if m in r] for m in ("knn_acc", "knn_acc_1pct")}}
 
 
 def mean_std(values: list) -> tuple:
@@ -320,19 +349,24 @@ def mean_std(values: list) -> tuple:
 
 
 def aggregate(results: list, args: Args) -> dict:
-    """table[row][partition][metric] = (mean, std, n) over seeds, plus each row's mean wall_s and images/s.
-    The "random" row reads the random_encoder numbers of the RANDOM_FROM runs."""
-    def per_partition(runs, pick):
-        return {p: {m: (*mean_std([pick(r, m) for r in cell]), len(cell)) for m in ("knn_acc", "linear_acc")}
-                for p in args.partition_list if (cell := [r for r in runs if r["partition"] in (p, "all")])}
+    """table[row][partition][metric] = {mean, std, n, gain_mean, gain_std, random_mean} over seeds (gain = trained -
+    the same run's untrained network, so its std is that of the paired differences), plus each row's mean wall_s
+    and images/s. A metric the runs did not write (summaries from before it existed) is left out."""
+    def stats(cell, m):
+        done = [r for r in cell if r[m] is not None]
+        if not done:
+            return None
+        (mean, std), (gain, gain_std) = mean_std([r[m] for r in done]), mean_std([r["gain"][m] for r in done])
+        return {"mean": mean, "std": std, "n": len(done), "gain_mean": gain, "gain_std": gain_std,
+                "random_mean": mean_std([r["random_encoder"][m] for r in done])[0]}
 
     table = {}
-    if any(r["method"] == RANDOM_FROM for r in results):
-        table["random"] = per_partition([r for r in results if r["method"] == RANDOM_FROM],
-                                        lambda r, m: r["random_encoder"][m])
     for key in args.method_list:
+        if ROWS[key].only and not set(ROWS[key].only) & set(args.partition_list):
+            continue                                  # a row of other columns (fed_cluster's variants): no line
         runs = [r for r in results if r["method"] == key]
-        table[key] = per_partition(runs, lambda r, m: r[m])
+        table[key] = {p: {m: st for m in METRICS if (st := stats(cell, m))} for p in args.partition_list
+                      if (cell := [r for r in runs if r["partition"] in (p, "all")])}
         if runs:
             table[key]["wall_s"] = mean_std([r["wall_s"] for r in runs])[0]
             table[key]["images_per_s"] = mean_std([r["images_per_s"] for r in runs])[0]
@@ -343,22 +377,24 @@ def column_name(part: str, args: Args) -> str:
     return PARTITIONS[part].format(k=args.classes_per_client, alpha=args.alpha)
 
 
+def cell_text(st: dict | None) -> str:
+    """`trained (gain over the own untrained network)`, each mean ± sample std over seeds."""
+    if st is None:
+        return "-"
+    if st["n"] == 1:
+        return f"{st['mean']:.3f} ({st['gain_mean']:+.3f})"
+    return f"{st['mean']:.3f} ± {st['std']:.3f} ({st['gain_mean']:+.3f} ± {st['gain_std']:.3f})"
+
+
 def markdown_table(table: dict, args: Args, metric: str, with_speed: bool) -> list:
     parts = args.partition_list
     head = "| method | " + " | ".join(column_name(p, args) for p in parts) + " |"
     head += " wall s per run | train img/s |" if with_speed else ""
     lines = [head, "|---" * (len(parts) + 1 + 2 * with_speed) + "|"]
     for key, row in table.items():
-        label = "random encoder (untrained)" if key == "random" else ROWS[key].label
-        cells = []
-        for p in parts:
-            if p not in row:
-                cells.append("-")
-                continue
-            m, s, n = row[p][metric]
-            cells.append(f"{m:.3f} ± {s:.3f}" if n > 1 else f"{m:.3f}")
+        cells = [cell_text(row.get(p, {}).get(metric)) for p in parts]
         speed = (f" {row['wall_s']:.0f} | {row['images_per_s']:.0f} |" if "wall_s" in row else " - | - |") if with_speed else ""
-        lines.append(f"| {label} | " + " | ".join(cells) + " |" + speed)
+        lines.append(f"| {ROWS[key].label} | " + " | ".join(cells) + " |" + speed)
     return lines
 
 
@@ -373,61 +409,267 @@ def device_name(device: str) -> str:
     return f"CPU {model} ({os.cpu_count()} cores)"
 
 
-def write_markdown(path: Path, table: dict, args: Args, command: str, device: str, jobs: int, failed: list,
-                   missing: list):
+NEUTRAL = ("out", "jobs", "device")                    # flags that do not change any number
+SELECTION = ("seeds", "methods", "partitions")          # flags that choose cells, not their setting
+
+
+def changed_flags(args: Args) -> dict:
+    """The flags (other than NEUTRAL) that differ from the default setting."""
+    default = Args()
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Args)
+            if f.name not in NEUTRAL and getattr(args, f.name) != getattr(default, f.name)}
+
+
+def default_out(args: Args) -> Path:
+    """results/ only for the default setting (the committed table); --quick and anything else go to runs/."""
+    changed = changed_flags(args)
+    if not changed:
+        return ROOT / "results"
+    if args.quick and all(k == "quick" or Args.QUICK.get(k) == v for k, v in changed.items()):
+        return ROOT / "runs" / "compare-quick"
+    return ROOT / "runs" / ("compare-" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8])
+
+
+def warning_line(args: Args) -> list:
+    """The first line of every markdown this run writes when its numbers are not the reference setting's."""
+    if args.quick:
+        return ["**Pipeline check (`--quick`): a tiny budget (one seed unless --seeds). These numbers check that "
+                "the pipeline runs end to end, not how the methods compare.**", ""]
+    setting = [f"--{k.replace('_', '-')} {v}" for k, v in changed_flags(args).items() if k not in SELECTION]
+    if setting:
+        return [f"**Not the reference setting** (changed: {', '.join(setting)}): compare these numbers only with "
+                "runs of the same setting.", ""]
+    return []
+
+
+def header(args: Args, command: str, device: str, jobs: int) -> list:
     seeds = args.seed_list
     n = f"{len(seeds)} seeds ({args.seeds}), mean ± sample std" if len(seeds) > 1 else f"seed {seeds[0]}"
     setting = (f"{args.dataset}, {args.train_size or 'all'} training images, {args.test_size or 'all'} test images, "
                f"encoder {args.encoder}, {args.clients} clients, {args.rounds} rounds x {args.local_epochs} local "
-               f"epoch(s), batch {args.batch_size}; kNN (k=200, t=0.1) on the test set; linear probe "
-               f"{args.probe_epochs} epochs, last epoch reported")
+               f"epoch(s), batch {args.batch_size}; kNN (k=200, t=0.1, k capped at the bank size) on the test set; "
+               f"linear probe {args.probe_epochs} epochs, last epoch reported; 1 % / 10 % of the labels = a "
+               f"class-balanced seeded subset of the training images as the kNN bank / probe training set")
+    commit = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=5).stdout.strip()
-    lines = ["# Results", "", "Produced by this command (nothing below is typed by hand):", "", f"    {command}", "",
-             f"Device: {device}; {jobs} run(s) at once; git commit {commit or 'unknown'}; "
-             f"{time.strftime('%Y-%m-%d')}.", "", f"Setting: {setting}; {n}.", "",
-             "## Linear probe accuracy", "", *markdown_table(table, args, "linear_acc", True), "",
-             "## kNN accuracy", "", *markdown_table(table, args, "knn_acc", False), "",
-             "![kNN accuracy against rounds](results.png)", "",
-             "Notes: every row trains every image R x E times (see compare.py's docstring for the mapping per "
-             "method; mocosfl keeps its own batch rule and GroupNorm network). `centralized` has no partition: "
-             "the same runs appear in every column. `random encoder` is the untrained encoder of the fedavg_cl "
-             "runs under the same evaluation. Wall-clock = mean seconds per run including evaluation; "
-             f"with {jobs} runs at once they share the device, so compare rows, not machines. "
-             "Per-cell numbers and commands: results.json."]
+    return ["Produced by this command (nothing below is typed by hand):", "", f"    {command}", "",
+            f"Device: {device}; {jobs} run(s) at once; git commit {commit or 'unknown'}; {time.strftime('%Y-%m-%d')}.",
+            "", f"Setting: {setting}; {n}.", ""]
+
+
+def write_markdown(path: Path, table: dict, args: Args, head: list, jobs: int, failed: list, missing: list):
+    lines = [*warning_line(args), "# Results", "", *head,
+             "Every cell: the trained encoder's accuracy, and in brackets its **gain over the same run's untrained "
+             "network** (same architecture, width and normalisation, same seed and evaluation), each as mean ± "
+             "sample std over seeds; the gain's std is that of the paired per-seed differences. Rows use different "
+             "networks (mocosfl: GroupNorm + weight standardisation), so rank rows by the gain, not by raw "
+             "accuracy. The claims of the papers are checked in claims.md.", ""]
+    for i, (metric, title) in enumerate(METRICS.items()):
+        lines += [f"## {title}", "", *markdown_table(table, args, metric, with_speed=i == 0), ""]
+    lines += ["![kNN accuracy against rounds, all labels and 1 % of the labels](results.png)", "",
+              "Notes: every row trains every image R x E times (see compare.py's docstring for the mapping per "
+              "method; mocosfl keeps its own batch rule and GroupNorm network). `centralized` has no partition: "
+              "the same runs appear in every column. The fed_cluster variants run under 2 classes per client only "
+              "(for the ledger). Wall-clock = mean seconds per run including evaluation; "
+              f"with {jobs} runs at once they share the device, so compare rows, not machines. "
+              "Per-cell numbers (and each run's untrained-network numbers) and commands: results.json."]
     if failed or missing:
         lines += ["", "Not in the table (failed or not run; see their log.txt): " +
                   ", ".join(c.name for c in failed + missing) + "."]
     path.write_text("\n".join(lines) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------
+# The claims ledger: paired per-seed differences, 95 % t-interval, verdict
+# ----------------------------------------------------------------------------------------------
+
+MARGIN = 0.02        # "approaches" / "robust" claims: a may be at most this much worse than b (accuracy points / 100)
+
+
+@dataclass
+class Claim:
+    claim: str                    # what the paper says, in our words
+    paper: str
+    a: str                        # "row@partition": the side the claim says is better (partition "all": centralized)
+    b: str
+    metric: str = "knn_acc_1pct"  # gain over the own untrained network; stage1.X: after stage 1; cluster_acc: raw
+    margin: float | None = None   # None: "a beats b"; m: "a is at most m worse than b" (non-inferiority)
+
+
+# One line per checkable claim (adding a claim = adding a line; its rows must be in ROWS).
+CLAIMS = [
+    Claim("FedAvg beats local training (2 classes per client)", "premise of every federated row",
+          "fedavg_cl@classes", "local_cl@classes"),
+    Claim("centralized training beats FedAvg (2 classes per client)", "upper bound (CCL, Dec-SSL)",
+          "centralized@all", "fedavg_cl@classes"),
+    Claim("feature fusion beats its ablation FedAvg + MoCo (2 classes)", "CCL (Wu et al.)",
+          "feature_fusion@classes", "fedavg_moco@classes"),
+    Claim("neighbourhood matching beats feature fusion (2 classes)", "CCL (Wu et al.)",
+          "neighborhood_match@classes", "feature_fusion@classes"),
+    Claim("CCL (FF + NM) approaches centralized (2 classes)", "CCL (Wu et al.)",
+          "neighborhood_match@classes", "centralized@all", margin=MARGIN),
+    Claim("Dec-SSL is robust to label skew: 2 classes per client vs IID", "Dec-SSL (Wang et al.)",
+          "dec_ssl@classes", "dec_ssl@iid", margin=MARGIN),
+    Claim("Dec-SSL is robust to label skew: Dirichlet vs IID", "Dec-SSL (Wang et al.)",
+          "dec_ssl@dirichlet", "dec_ssl@iid", margin=MARGIN),
+    Claim("FeatARC beats Dec-SSL under skew (2 classes)", "Dec-SSL (Wang et al.)",
+          "dec_ssl_featarc@classes", "dec_ssl@classes"),
+    Claim("FeatARC beats Dec-SSL under skew (Dirichlet)", "Dec-SSL (Wang et al.)",
+          "dec_ssl_featarc@dirichlet", "dec_ssl@dirichlet"),
+    Claim("MocoSFL beats FedAvg + MoCo (2 classes)", "MocoSFL (Li et al.)", "mocosfl@classes", "fedavg_moco@classes"),
+    Claim("1. two stages work for clustering: C / C beats one-stage C / C", "Miao & Koyuncu",
+          "fed_cluster_cc@classes", "fed_cluster_1stage@classes", "cluster_acc"),
+    Claim("1. two stages work for representations: C / C beats one-stage C / C", "Miao & Koyuncu",
+          "fed_cluster_cc@classes", "fed_cluster_1stage@classes"),
+    Claim("2. a contrastive regulariser helps representations: N+C beats N", "Miao & Koyuncu",
+          "fed_cluster@classes", "fed_cluster_nc@classes", "stage1.knn_acc_1pct"),
+    Claim("2. a contrastive regulariser helps clustering: N+C / C beats N / C", "Miao & Koyuncu",
+          "fed_cluster@classes", "fed_cluster_nc@classes", "cluster_acc"),
+    Claim("3. clustering: C / C beats N+C / C", "Miao & Koyuncu", "fed_cluster_cc@classes", "fed_cluster@classes",
+          "cluster_acc"),
+    Claim("3. clustering: C / C beats N / C", "Miao & Koyuncu", "fed_cluster_cc@classes", "fed_cluster_nc@classes",
+          "cluster_acc"),
+    Claim("3. clustering: C / C beats C / N", "Miao & Koyuncu", "fed_cluster_cc@classes", "fed_cluster_cn@classes",
+          "cluster_acc"),
+    Claim("4. representations: a non-contrastive main loss (N) beats C", "Miao & Koyuncu",
+          "fed_cluster_nc@classes", "fed_cluster_cc@classes", "stage1.knn_acc_1pct"),
+    Claim("4. representations: a non-contrastive main loss (N+C) beats C", "Miao & Koyuncu",
+          "fed_cluster@classes", "fed_cluster_cc@classes", "stage1.knn_acc_1pct"),
+]
+
+# t_{0.975, df} for the two-sided 95 % interval, df = 1..30 (standard table; larger df use df = 30: slightly wider)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+RULE = [f"Each claim compares two cells seed by seed: d_s = a − b for every seed s run in both (the same seed = the "
+        f"same partition indices, initialisation seed and few-label subset). Metric: the **gain over each run's own "
+        f"untrained network** (summary.json's `gain`; equal to the raw difference when a and b use the same network); "
+        f"`stage1.` = fed_cluster's encoder after stage 1; `cluster_acc` = clustering accuracy (raw: it has no "
+        f"untrained counterpart). Interval: mean(d) ± t(0.975, n − 1) · sd(d) / √n, sd with n − 1, t from a table.",
+        "",
+        "Verdict, read from the interval [lo, hi]:",
+        "- **a beats b**: *holds* if lo > 0; *does not hold* if hi < 0 (b is better); otherwise *inconclusive*.",
+        f"- **a approaches b / a is robust (margin m = {MARGIN})**, a non-inferiority claim: a may be up to m worse "
+        f"than b, or better: *holds* if lo > −m; *does not hold* if hi < −m; otherwise *inconclusive*.",
+        "- fewer than 2 paired seeds: *inconclusive* (no interval).",
+        "",
+        "95 % per claim, no correction for the number of claims: with about 20 claims, one verdict may be "
+        "wrong by chance."]
+
+
+def t_interval(diffs: list) -> tuple:
+    """(mean, lo, hi) of the 95 % t-interval of the mean; lo = hi = None for fewer than 2 values (mean None for 0)."""
+    n = len(diffs)
+    mean = sum(diffs) / n if n else None
+    if n < 2:
+        return mean, None, None
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    half = T975[min(n - 1, len(T975)) - 1] * sd / n ** 0.5
+    return mean, mean - half, mean + half
+
+
+def verdict(n: int, lo: float, hi: float, margin: float | None) -> tuple:
+    """(verdict, why) by RULE."""
+    if n < 2:
+        return "inconclusive", f"{n} paired seed(s): an interval needs at least 2"
+    bound = 0.0 if margin is None else -margin
+    if lo > bound:
+        return "holds", f"lo {lo:+.3f} > {bound:+.3f}"
+    if hi < bound:
+        return "does not hold", f"hi {hi:+.3f} < {bound:+.3f}"
+    return "inconclusive", f"the interval contains {bound:+.3f}"
+
+
+def claim_value(cell: dict, metric: str):
+    """The number a claim compares for one run (None when the run did not write it)."""
+    if metric.startswith("stage1."):
+        key, stage1 = metric.split(".", 1)[1], cell.get("stage1") or {}
+        return stage1[key] - cell["random_encoder"][key] if stage1.get(key) is not None else None
+    if metric in METRICS:
+        return cell["gain"][metric]
+    return cell.get(metric)
+
+
+def ledger(results: list, args: Args) -> list:
+    """One row per claim: the paired per-seed differences, their mean, 95 % interval and the verdict."""
+    rows = []
+    for c in CLAIMS:
+        def values(side):
+            method, part = side.split("@")
+            return {r["seed"]: v for r in results if r["method"] == method and r["partition"] == part
+                    and (v := claim_value(r, c.metric)) is not None}
+        va, vb = values(c.a), values(c.b)
+        seeds = [s for s in args.seed_list if s in va and s in vb]
+        diffs = [va[s] - vb[s] for s in seeds]
+        mean, lo, hi = t_interval(diffs)
+        v, why = verdict(len(diffs), lo, hi, c.margin)
+        if not diffs:
+            why = "not run here (" + ", ".join(x for x, got in ((c.a, va), (c.b, vb)) if not got) + ")"
+        rows.append({**dataclasses.asdict(c), "seeds": seeds, "diffs": diffs, "mean": mean, "lo": lo, "hi": hi,
+                     "verdict": v, "why": why})
+    return rows
+
+
+def write_claims(path: Path, rows: list, args: Args, head: list):
+    lines = [*warning_line(args), "# Claims ledger", "", *head, *RULE, "",
+             "| claim | paper | metric | a − b | per-seed differences | mean [95 % interval] | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kind = "beats" if r["margin"] is None else f"within {r['margin']}"
+        diffs = ", ".join(f"{d:+.3f}" for d in r["diffs"]) or "-"
+        ci = (f"{r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if len(r["diffs"]) > 1 else
+              f"{r['mean']:+.3f}" if r["diffs"] else "-")
+        lines.append(f"| {r['claim']} | {r['paper']} | {r['metric']} | {r['a']} − {r['b']} ({kind}) | {diffs} | "
+                     f"{ci} | **{r['verdict']}** ({r['why']}) |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The figure
+# ----------------------------------------------------------------------------------------------
+
 def plot(path: Path, results: list, table: dict, args: Args):
+    """Per partition (columns) kNN against rounds with all labels (top) and 1 % of the labels (bottom): mean over
+    seeds with a ± std band, and each row's own untrained network dashed in the row's colour."""
     plt = common._plt()
-    parts = args.partition_list
     from matplotlib.ticker import MaxNLocator
-    width = 4.2 * len(parts) + 1.8
-    fig, axes = plt.subplots(1, len(parts), figsize=(width, 3.8), squeeze=False, sharey=True)
-    colors = plt.get_cmap("tab10")
-    for ax, part in zip(axes[0], parts):
-        for i, key in enumerate(args.method_list):
-            runs = [r for r in results if r["method"] == key and r["partition"] in (part, "all") and r["curve"]]
-            if not runs:
-                continue
-            rounds = sorted(set.intersection(*[{c[0] for c in r["curve"]} for r in runs]))
-            ys = [np.mean([dict(map(tuple, r["curve"]))[x] for r in runs]) for x in rounds]
-            ax.plot(rounds, ys, marker="o", ms=3, color=colors(i % 10), label=key,
-                    ls="--" if key == "centralized" else "-")
-        if part in table.get("random", {}):
-            ax.axhline(table["random"][part]["knn_acc"][0], color="gray", ls=":", label="random encoder")
-        ax.set_title(column_name(part, args))
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("kNN accuracy (mean over seeds)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center right")
-    fig.tight_layout(rect=(0, 0, 1 - 1.7 / width, 1))
+    parts, metrics = args.partition_list, ("knn_acc", "knn_acc_1pct")
+    width = 4.2 * len(parts) + 2.6
+    fig, axes = plt.subplots(2, len(parts), figsize=(width, 7.2), squeeze=False, sharey="row")
+    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors)   # 18 distinct colours
+    for col, part in enumerate(parts):
+        for row, metric in enumerate(metrics):
+            ax = axes[row][col]
+            for i, key in enumerate(args.method_list):
+                runs = [r for r in results if r["method"] == key and r["partition"] in (part, "all")
+                        and r["curve"].get(metric)]
+                if not runs:
+                    continue
+                rounds = sorted(set.intersection(*[{c[0] for c in r["curve"][metric]} for r in runs]))
+                ys = np.array([[dict(map(tuple, r["curve"][metric]))[x] for x in rounds] for r in runs])
+                mean, std = ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros(len(rounds))
+                color = palette[i % len(palette)]
+                ax.plot(rounds, mean, marker="o", ms=3, color=color, label=key)
+                ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+                if (st := table.get(key, {}).get(part, {}).get(metric)) is not None:
+                    ax.axhline(st["random_mean"], color=color, ls="--", lw=0.9, alpha=0.8)
+            ax.set_title(f"{column_name(part, args)}: {'all labels' if metric == 'knn_acc' else '1 % of the labels'}")
+            ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("kNN accuracy, all labels")
+        axes[1][0].set_ylabel("kNN accuracy, 1 % of the labels")
+    legend = {}                                   # every row once, from whichever panel drew it
+    for ax in axes.flat:
+        legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
+    legend = {key: legend[key] for key in args.method_list if key in legend}           # in the table's order
+    from matplotlib.lines import Line2D
+    legend["dashed: the row's own\nuntrained network"] = Line2D([], [], color="gray", ls="--")
+    fig.legend(legend.values(), legend.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1 - 2.5 / width, 0.5))
+    fig.suptitle("kNN accuracy, mean over seeds with a ± std band")
+    fig.tight_layout(rect=(0, 0, 1 - 2.5 / width, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -446,25 +688,29 @@ def main(argv=None):
         sys.exit(2)
     device = device_name(args.device)
     jobs = args.jobs or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device.startswith("GPU") else 1)
-    out = Path(args.out).resolve()          # the runs are started from the repository root
+    out = Path(args.out).resolve() if args.out else default_out(args)    # the runs start from the repository root
     out.mkdir(parents=True, exist_ok=True)
     try:
         common.FolderLock(out, "compare.py")      # a second compare.py on the same --out (same cells) is refused
     except common.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    print(f"output folder: {out}", flush=True)
     cells = make_cells(args, out / "runs")
     failed = run_all(cells, jobs)
     results = [r for r in map(read_cell, cells) if r is not None]
     missing = [c for c in cells if c.run_folder() is None and c not in failed]
-    table = aggregate(results, args)
+    table, claims = aggregate(results, args), ledger(results, args)
     command = "python compare.py" + ("" if not argv else " " + shlex.join(argv))
-    write_markdown(out / "results.md", table, args, command, device, jobs, failed, missing)
+    head = header(args, command, device, jobs)
+    write_markdown(out / "results.md", table, args, head, jobs, failed, missing)
+    write_claims(out / "claims.md", claims, args, head)
     plot(out / "results.png", results, table, args)
     (out / "results.json").write_text(json.dumps(
         {"command": command, "device": device, "jobs": jobs, "args": dataclasses.asdict(args),
-         "table": table, "cells": results}, indent=1))
-    print(f"wrote {out / 'results.md'}, {out / 'results.png'} and {out / 'results.json'}")
+         "table": table, "claims": claims, "cells": results}, indent=1))
+    print("\n" + (out / "results.md").read_text() + "\n" + (out / "claims.md").read_text())
+    print(f"wrote {out / 'results.md'}, {out / 'claims.md'}, {out / 'results.png'} and {out / 'results.json'}")
     if failed:
         print(f"error: {len(failed)} run(s) failed: " + ", ".join(c.name for c in failed), file=sys.stderr)
         sys.exit(1)

@@ -287,8 +287,10 @@ def main():
         if args.featarc:
             extra["assign"] = [assign.get(c, -1) for c in range(args.clients)]   # -1: not sampled
             if run.is_eval_round(rnd):
-                extra["knn_clusters"] = [run.knn(m.encoder) for m in clusters]
+                monitor = [run.monitor(m.encoder) for m in clusters]
+                extra["knn_clusters"] = [m["knn_acc"] for m in monitor]
                 extra["knn_acc"] = sum(extra["knn_clusters"]) / C
+                extra["knn_acc_1pct"] = sum(m["knn_acc_1pct"] for m in monitor) / C
         run.log(rnd, loss=torch.stack(losses).mean(), images=images,
                 encoder=None if args.featarc else clusters[0].encoder, **extra)
 
@@ -298,7 +300,7 @@ def main():
         return
     per = [run.evaluate(e) for e in final]
     best = max(range(C), key=lambda j: per[j]["linear_acc"])
-    run.finish(results={k: sum(r[k] for r in per) / C for k in ("knn_acc", "linear_acc")}, ssl=args.ssl,
+    run.finish(results={k: sum(r[k] for r in per) / C for k in per[0]}, ssl=args.ssl,
                encoders=final, encoders_per="cluster",
                headline="knn_acc/linear_acc are the MEAN over the cluster models", clusters=per,
                best_cluster={"cluster": best, **per[best], "note": "picked by test linear accuracy, as the "

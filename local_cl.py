@@ -91,12 +91,13 @@ def main():
             loss, n = local_update(models[c], opts[c], run, run.clients[c], args)
             losses.append(loss)
             images += n
-        knn = np.mean([run.knn(m.encoder) for m in models]) if run.is_eval_round(rnd) else None
+        monitor = [run.monitor(m.encoder) for m in models] if run.is_eval_round(rnd) else []
         run.log(rnd, loss=torch.stack(losses).mean(), images=images,
-                **({"knn_acc": knn} if knn is not None else {}))
+                **{k: np.mean([m[k] for m in monitor]) for k in (monitor[0] if monitor else ())})
     per_client = [run.evaluate(m.encoder) for m in models]
     knn, lin = np.array([r["knn_acc"] for r in per_client]), np.array([r["linear_acc"] for r in per_client])
-    run.finish(results={"knn_acc": knn.mean(), "linear_acc": lin.mean()}, encoders=[m.encoder for m in models],
+    run.finish(results={k: np.mean([r[k] for r in per_client]) for k in per_client[0]},   # every metric
+               encoders=[m.encoder for m in models],
                knn_acc_std=knn.std(), linear_acc_std=lin.std(), per_client=per_client)
 
 

@@ -10,6 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402  (after the path)
+
 # A budget that runs any method in seconds on two CPU cores.
 TINY = ["--train-size", "600", "--test-size", "300", "--clients", "5", "--rounds", "2", "--local-epochs", "1",
         "--batch-size", "32", "--eval-every", "1", "--probe-epochs", "2", "--device", "cpu"]
@@ -43,9 +45,11 @@ def assert_complete_run(folder, rounds):
     assert [m["round"] for m in metrics] == list(range(1, rounds + 1))
     assert all(m["images_per_s"] > 0 and m["loss"] == m["loss"] for m in metrics)
     assert "knn_acc" in metrics[-1] and "knn_acc" in metrics[0]       # the first and the last round are evaluated
-    for key in ("knn_acc", "linear_acc"):
-        assert 0 <= summary[key] <= 1
-        assert 0 <= summary["random_encoder"][key] <= 1
+    assert "knn_acc_1pct" in metrics[-1]                              # the monitor: all labels and 1 %
+    for key in common.EVAL_KEYS:           # full-label and few-label numbers, trained, untrained and their gain
+        assert 0 <= summary[key] <= 1, key
+        assert 0 <= summary["random_encoder"][key] <= 1, key
+        assert summary["gain"][key] == summary[key] - summary["random_encoder"][key], key
     assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
     return summary, metrics
 

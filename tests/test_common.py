@@ -136,6 +136,37 @@ def test_linear_probe_separable_features_and_seeded():
     assert acc == common.linear_probe(f[:200], y[:200], f[200:], y[200:], 3, epochs=20, seed=0, batch=32)
 
 
+def test_few_label_subset_is_class_balanced_seeded_and_takes_all_of_a_small_class():
+    labels = np.repeat(np.arange(10), [173] * 9 + [13])         # 1570 images; class 9 holds only 13
+    for fraction, per_class in ((0.01, 2), (0.10, 16)):         # round(1.57) = 2, round(15.7) = 16 per class
+        ids = common.few_label_subset(labels, fraction, 10, seed=7)
+        assert len(np.unique(ids)) == len(ids) and ids.max() < len(labels)
+        assert np.bincount(labels[ids], minlength=10).tolist() == [per_class] * 9 + [min(per_class, 13)]
+        assert np.array_equal(ids, common.few_label_subset(labels, fraction, 10, seed=7))     # seeded
+        assert not np.array_equal(ids, common.few_label_subset(labels, fraction, 10, seed=8))
+
+
+def test_evaluate_matches_brute_force_knn_on_the_few_label_subsets(tmp_path):
+    """Run.evaluate's 1 % / 10 % numbers = a loop-based kNN (k capped at the bank size) and the probe on that
+    subset of the run's own training images; the trained keys, the monitor and the summary agree."""
+    args = common.RunArgs(train_size=300, test_size=40, clients=2, partition="iid", probe_epochs=3, seed=5,
+                          device="cpu", out=str(tmp_path))
+    run = common.Run(args, "test")
+    enc = common.make_encoder(args, run.data.channels)
+    got = run.evaluate(enc)
+    assert tuple(got) == common.EVAL_KEYS
+    tr, te = (common.features(enc, x, run.augment) for x in (run.data.train_x, run.data.test_x))
+    y, ty = run.data.train_y, run.data.test_y
+    banks = {"": torch.arange(len(y)), **{f"_{n}": run.few_label_ids[n] for n in common.FEW_LABELS}}
+    assert [len(b) for b in banks.values()] == [300, 10, 30]      # 1 and 3 images of each of the 10 classes
+    for suffix, ids in banks.items():
+        assert np.bincount(y[ids].numpy(), minlength=10).tolist() == [len(ids) // 10] * 10
+        ref = knn_brute_force(tr[ids], y[ids], te, 10, k=200, t=0.1)
+        assert got["knn_acc" + suffix] == pytest.approx(np.mean(np.array(ref) == ty.numpy())), suffix
+        assert got["linear_acc" + suffix] == common.linear_probe(tr[ids], y[ids], te, ty, 10, 3, seed=5), suffix
+    assert run.monitor(enc) == {"knn_acc": got["knn_acc"], "knn_acc_1pct": got["knn_acc_1pct"]}
+
+
 # --- partitions ------------------------------------------------------------------------------
 
 def args_for(**kw):

@@ -53,6 +53,8 @@ def test_every_row_gets_the_same_budget_partition_and_evaluation(partition):
     assert {got[k].batch_size for k in compare.ROWS if k != "mocosfl"} == {args.batch_size}
     assert got["dec_ssl_featarc"].featarc and not got["dec_ssl"].featarc
     assert got["fedavg_moco"].remote_features == 0 < got["feature_fusion"].remote_features
+    assert got["fed_cluster_1stage"].cluster_rounds == 7 == args.rounds          # one stage: clustering from round 1
+    assert (got["fed_cluster_cn"].loss, got["fed_cluster_cn"].cluster_loss) == ("contrastive", "noncontrastive")
 
 
 def test_quick_is_a_preset_that_explicit_flags_override():
@@ -62,30 +64,115 @@ def test_quick_is_a_preset_that_explicit_flags_override():
     assert compare.parse_args([]).rounds == compare.Args().rounds
 
 
-def fake_cell(method, partition, seed, knn, lin, rand=(0.3, 0.2)):
-    return {"method": method, "partition": partition, "seed": seed, "knn_acc": knn, "linear_acc": lin,
-            "random_encoder": {"knn_acc": rand[0], "linear_acc": rand[1]}, "wall_s": 10.0 * (seed + 1),
-            "images_per_s": 100.0, "curve": [[1, knn - 0.1], [2, knn]]}
+def fake_cell(method, partition, seed, knn, lin, rand=(0.3, 0.2), **extra):
+    """A read_cell record; the few-label numbers are the full-label ones minus 0.1 (untrained: minus 0.05)."""
+    trained = {m: (knn if m.startswith("knn") else lin) - (0.1 if m.endswith("pct") else 0) for m in compare.METRICS}
+    random = {m: rand[0 if m.startswith("knn") else 1] - (0.05 if m.endswith("pct") else 0) for m in compare.METRICS}
+    return {"method": method, "partition": partition, "seed": seed, **trained, "random_encoder": random,
+            "gain": {m: trained[m] - random[m] for m in compare.METRICS}, "wall_s": 10.0 * (seed + 1),
+            "images_per_s": 100.0, "curve": {m: [[1, knn - 0.1], [2, knn]] for m in ("knn_acc", "knn_acc_1pct")},
+            **extra}
 
 
-def test_table_mean_and_sample_std_over_seeds_and_centralized_in_every_column(tmp_path):
+def test_table_mean_std_and_paired_gain_over_seeds_and_centralized_in_every_column(tmp_path):
     args = compare.parse_args(["--methods", "fedavg_cl,centralized", "--partitions", "iid,dirichlet", "--seeds", "0,1"])
     results = [fake_cell("fedavg_cl", "iid", 0, 0.6, 0.7), fake_cell("fedavg_cl", "iid", 1, 0.8, 0.9),
                fake_cell("fedavg_cl", "dirichlet", 0, 0.5, 0.5, rand=(0.1, 0.1)),
                fake_cell("fedavg_cl", "dirichlet", 1, 0.5, 0.5, rand=(0.3, 0.3)),
                fake_cell("centralized", "all", 0, 0.9, 0.95), fake_cell("centralized", "all", 1, 0.9, 0.93)]
     table = compare.aggregate(results, args)
-    m, s, n = table["fedavg_cl"]["iid"]["knn_acc"]
-    assert (m, n) == (pytest.approx(0.7), 2) and s == pytest.approx(0.1414213, abs=1e-6)   # ddof=1
+    st = table["fedavg_cl"]["iid"]["knn_acc"]
+    assert (st["mean"], st["n"]) == (pytest.approx(0.7), 2) and st["std"] == pytest.approx(0.1414213, abs=1e-6)
+    assert st["gain_mean"] == pytest.approx(0.4) and st["random_mean"] == pytest.approx(0.3)   # 0.3 and 0.5 over 0.3
+    d = table["fedavg_cl"]["dirichlet"]["knn_acc"]            # gains 0.4 and 0.2: the std of the PAIRED differences
+    assert (d["gain_mean"], d["gain_std"], d["std"]) == (pytest.approx(0.3), pytest.approx(0.1414213, abs=1e-6), 0)
+    assert table["fedavg_cl"]["iid"]["knn_acc_1pct"]["gain_mean"] == pytest.approx(0.35)  # (0.5 - 0.25 + 0.7 - 0.25) / 2
     assert table["fedavg_cl"]["wall_s"] == pytest.approx(15.0)
-    assert table["random"]["dirichlet"]["knn_acc"][:2] == (pytest.approx(0.2), pytest.approx(0.1414213, abs=1e-6))
+    assert "random" not in table                                       # no shared random row: each row has its own
     assert table["centralized"]["iid"] == table["centralized"]["dirichlet"]          # one run, every column
-    assert table["centralized"]["iid"]["linear_acc"][0] == pytest.approx(0.94)
+    assert table["centralized"]["iid"]["linear_acc"]["mean"] == pytest.approx(0.94)
     lines = compare.markdown_table(table, args, "knn_acc", with_speed=True)
     assert lines[0] == "| method | IID | Dirichlet 0.1 | wall s per run | train img/s |"
-    assert "| fedavg_cl (FedAvg + SimCLR) | 0.700 ± 0.141 | 0.500 ± 0.000 | 15 | 100 |" in lines
+    assert "| fedavg_cl (FedAvg + SimCLR) | 0.700 ± 0.141 (+0.400 ± 0.141) | 0.500 ± 0.000 (+0.300 ± 0.141) | 15 | 100 |" \
+        in lines
+    one = compare.aggregate(results[:1], compare.parse_args(["--methods", "fedavg_cl", "--partitions", "iid", "--seeds", "0"]))
+    assert compare.cell_text(one["fedavg_cl"]["iid"]["linear_acc_10pct"]) == "0.600 (+0.450)"      # one seed: no ±
     compare.plot(tmp_path / "r.png", results, table, args)
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_t_interval_against_a_hand_computation():
+    # d = 0.01, 0.03, 0.05: mean 0.03, sd 0.02, se 0.02 / sqrt(3) = 0.0115470, t(0.975, 2) = 4.303 -> half 0.0496868
+    mean, lo, hi = compare.t_interval([0.01, 0.03, 0.05])
+    assert (mean, lo, hi) == (pytest.approx(0.03), pytest.approx(-0.0196868, abs=1e-6), pytest.approx(0.0796868, abs=1e-6))
+    # five seeds: mean 0.02, sd 0.0158114, se 0.0070711, t(0.975, 4) = 2.776 -> half 0.0196294
+    mean, lo, hi = compare.t_interval([0.0, 0.01, 0.02, 0.03, 0.04])
+    assert (lo, hi) == (pytest.approx(0.0003706, abs=1e-6), pytest.approx(0.0396294, abs=1e-6))
+    assert compare.t_interval([0.5]) == (0.5, None, None) and compare.t_interval([]) == (None, None, None)
+    assert compare.T975[0] == 12.706 and compare.T975[29] == 2.042 and len(compare.T975) == 30
+
+
+@pytest.mark.parametrize("n, lo, hi, margin, expected", [
+    (3, 0.001, 0.05, None, "holds"), (3, -0.05, -0.001, None, "does not hold"), (3, -0.01, 0.02, None, "inconclusive"),
+    (3, 0.0, 0.02, None, "inconclusive"),                                   # lo must be strictly above 0
+    (3, -0.019, 0.01, 0.02, "holds"),                                       # at most 0.02 worse: robust
+    (3, -0.05, -0.021, 0.02, "does not hold"), (3, -0.03, 0.01, 0.02, "inconclusive"),
+    (1, 0.1, 0.2, None, "inconclusive")])                                   # one seed: no interval
+def test_verdict_rule_on_constructed_cases(n, lo, hi, margin, expected):
+    assert compare.verdict(n, lo, hi, margin)[0] == expected
+
+
+def test_ledger_pairs_by_seed_and_reads_each_claims_metric():
+    args = compare.parse_args(["--seeds", "0,1,2"])
+    gains = {0: 0.05, 1: 0.06, 2: 0.07}                       # fedavg_cl's kNN 1 % gain over local_cl, per seed
+    results = [fake_cell("local_cl", "classes", s, 0.6 + 0.01 * s, 0.7) for s in (2, 0, 1)]   # any order
+    results += [fake_cell("fedavg_cl", "classes", s, 0.6 + 0.01 * s + gains[s], 0.7) for s in (0, 1, 2)]
+    results += [fake_cell("fedavg_cl", "classes", 3, 0.9, 0.9)]                   # seed 3: no partner, not paired
+    results += [fake_cell("dec_ssl", p, s, 0.6 - (0.01 * s if p == "classes" else 0), 0.7)  # up to 0.02 worse
+                for p in ("iid", "classes") for s in (0, 1, 2)]
+    # different networks: mocosfl's untrained kNN is 0.2 higher, so its raw lead of 0.05 is a gain deficit of 0.15
+    results += [fake_cell("mocosfl", "classes", s, 0.75, 0.8, rand=(0.5, 0.2)) for s in (0, 1)]
+    results += [fake_cell("fedavg_moco", "classes", s, 0.7, 0.8) for s in (0, 1)]
+    results += [fake_cell("fed_cluster", "classes", s, 0.6, 0.7, cluster_acc=0.5, stage1=None) for s in (0, 1)]
+    results += [fake_cell("fed_cluster_cc", "classes", s, 0.6, 0.7, cluster_acc=0.4 + 0.1 * s,
+                          stage1={m: 0.5 for m in compare.METRICS}) for s in (0, 1)]
+    rows = {(r["a"], r["b"], r["metric"]): r for r in compare.ledger(results, args)}
+    assert len(rows) == len(compare.CLAIMS)
+    fed = rows[("fedavg_cl@classes", "local_cl@classes", "knn_acc_1pct")]
+    assert fed["seeds"] == [0, 1, 2] and fed["diffs"] == pytest.approx([0.05, 0.06, 0.07])
+    assert (fed["mean"], fed["lo"], fed["verdict"]) == (pytest.approx(0.06), pytest.approx(0.06 - 4.303 * 0.01 / 3 ** 0.5),
+                                                        "holds")
+    robust = rows[("dec_ssl@classes", "dec_ssl@iid", "knn_acc_1pct")]      # d = 0, -0.01, -0.02: mean -0.01
+    assert robust["diffs"] == pytest.approx([0, -0.01, -0.02]) and robust["verdict"] == "inconclusive"
+    clustering = rows[("fed_cluster_cc@classes", "fed_cluster@classes", "cluster_acc")]   # raw ACC: -0.1, 0.0
+    assert clustering["diffs"] == pytest.approx([-0.1, 0.0]) and clustering["verdict"] == "inconclusive"
+    stage1 = rows[("fed_cluster@classes", "fed_cluster_cc@classes", "stage1.knn_acc_1pct")]  # fed_cluster: no stage 1
+    assert stage1["diffs"] == [] and stage1["verdict"] == "inconclusive" and "fed_cluster@classes" in stage1["why"]
+    mocosfl = rows[("mocosfl@classes", "fedavg_moco@classes", "knn_acc_1pct")]
+    assert mocosfl["diffs"] == pytest.approx([-0.15, -0.15]) and mocosfl["verdict"] == "does not hold"
+    nm = rows[("neighborhood_match@classes", "feature_fusion@classes", "knn_acc_1pct")]
+    assert nm["verdict"] == "inconclusive" and nm["why"].startswith("not run")
+
+
+def test_every_claim_names_rows_and_partitions_that_exist():
+    for c in compare.CLAIMS:
+        for side in (c.a, c.b):
+            key, part = side.split("@")
+            assert key in compare.ROWS and (part == "all") == (not compare.ROWS[key].partitioned), side
+            assert part == "all" or part in compare.PARTITIONS and (not compare.ROWS[key].only or part in compare.ROWS[key].only)
+        assert c.metric in compare.METRICS or c.metric == "cluster_acc" or c.metric.removeprefix("stage1.") in compare.METRICS
+
+
+def test_only_the_default_setting_writes_into_the_committed_results_folder():
+    out = lambda *flags: compare.default_out(compare.parse_args(list(flags)))
+    assert out() == ROOT / "results" and out("--jobs", "3", "--device", "cpu") == ROOT / "results"
+    assert out("--quick") == ROOT / "runs" / "compare-quick"
+    for flags in (["--quick", "--rounds", "1"], ["--seeds", "0"], ["--methods", "fedavg_cl"], ["--rounds", "5"]):
+        assert out(*flags).parent == ROOT / "runs" and out(*flags).name.startswith("compare-"), flags
+    assert out("--rounds", "5") == out("--rounds", "5") != out("--rounds", "6")        # resumable: same flags, same folder
+    assert compare.warning_line(compare.parse_args(["--quick"]))[0].startswith("**Pipeline check")
+    assert "--rounds 5" in compare.warning_line(compare.parse_args(["--rounds", "5"]))[0]
+    assert compare.warning_line(compare.parse_args(["--seeds", "0,1,2,3,4"])) == []   # more seeds: same setting
 
 
 @pytest.mark.parametrize("flags, needle", [(["--partitions", "iid,skewed"], "--partitions"),
@@ -115,18 +202,29 @@ def test_compare_end_to_end_then_resumes_without_rerunning(tmp_path):
     out = tmp_path / "results"
     proc = run("compare.py", *TINY_COMPARE, "--partitions", "iid", "--jobs", "2", "--out", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    n = len(compare.ROWS)
+    iid_rows = {k: r for k, r in compare.ROWS.items() if not r.only or "iid" in r.only}
+    n = len(iid_rows)
     assert f"{n} cells, 0 already complete, {n} to run" in proc.stdout
     md = (out / "results.md").read_text()
+    assert md.startswith("**Pipeline check") and "numbers check that the pipeline" in md.splitlines()[0]
     assert "python compare.py " + " ".join(TINY_COMPARE) in md and "Device: CPU" in md
-    for heading in ("## Linear probe accuracy", "## kNN accuracy"):
-        rows = table_numbers(md, heading)
-        assert set(rows) == {"random encoder (untrained)", *(r.label for r in compare.ROWS.values())}
-        assert all(0 < v[0] <= 1 for v in rows.values())
-    assert (out / "results.png").stat().st_size > 1000
     res = json.loads((out / "results.json").read_text())
-    assert {c["method"] for c in res["cells"]} == set(compare.ROWS)
-    assert all(c["curve"] and c["curve"][-1][0] == 1 for c in res["cells"])
+    for metric, title in compare.METRICS.items():
+        rows = table_numbers(md, "## " + title)
+        assert set(rows) == {r.label for r in iid_rows.values()}, title
+        assert all(0 < v[0] <= 1 for v in rows.values())
+        # the bracket is the gain over the run's own untrained network, from the same summary
+        fed = next(c for c in res["cells"] if c["method"] == "fedavg_cl")
+        gain = float(re.search(r"\(([+-][\d.]+)\)", md.split("## " + title)[1].split("| fedavg_cl")[1]).group(1))
+        assert gain == pytest.approx(fed[metric] - fed["random_encoder"][metric], abs=5e-4), title
+    assert (out / "results.png").stat().st_size > 1000
+    claims = (out / "claims.md").read_text()
+    assert claims.startswith("**Pipeline check") and "# Claims ledger" in claims
+    assert len(res["claims"]) == len(compare.CLAIMS)
+    assert all(c["verdict"] == "inconclusive" for c in res["claims"])           # one seed: never a verdict
+    assert md.split("# Results", 1)[1].strip() in proc.stdout and "# Claims ledger" in proc.stdout   # printed at the end
+    assert {c["method"] for c in res["cells"]} == set(iid_rows)
+    assert all(c["curve"]["knn_acc"][-1][0] == 1 and c["curve"]["knn_acc_1pct"][-1][0] == 1 for c in res["cells"])
     # the same partition (same indices) for every federated row
     parts = {c["method"]: json.loads((ROOT / c["run"] / "partition.json").read_text())["clients"] for c in res["cells"]}
     ref = [p["indices"] for p in parts["fedavg_cl"]]

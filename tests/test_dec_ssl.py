@@ -203,8 +203,8 @@ def test_featarc_end_to_end_and_resume(out, tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary, metrics = assert_complete_run(folder, rounds=2)
     assert len(summary["clusters"]) == 2 and "MEAN" in summary["headline"]
-    for key in ("knn_acc", "linear_acc"):
-        assert summary[key] == pytest.approx(sum(c[key] for c in summary["clusters"]) / 2)
+    for key in common.EVAL_KEYS:
+        assert summary[key] == pytest.approx(sum(c[key] for c in summary["clusters"]) / 2), key
     best = summary["best_cluster"]
     assert best["linear_acc"] == max(c["linear_acc"] for c in summary["clusters"])
     assert best["knn_acc"] == summary["clusters"][best["cluster"]]["knn_acc"]

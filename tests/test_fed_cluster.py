@@ -192,7 +192,7 @@ def assert_two_stage_summary(folder, rounds, stage1_rounds):
     summary, metrics = assert_complete_run(folder, rounds)
     assert [m["stage"] for m in metrics] == [1] * stage1_rounds + [2] * (rounds - stage1_rounds)
     assert all("cluster_acc" in m and "nmi" in m and "ari" in m for m in metrics if m["stage"] == 2)
-    assert summary["stage2"] == {"knn_acc": summary["knn_acc"], "linear_acc": summary["linear_acc"]}
+    assert summary["stage2"] == {k: summary[k] for k in common.EVAL_KEYS}
     for key in ("cluster_acc", "nmi", "ari"):
         assert -1 <= summary[key] <= 1 and summary[key] == metrics[-1][key]
     assert 0.1 <= summary["cluster_acc"] <= 1        # some matching of a 10 x 10 table holds >= 1/10 of it
@@ -211,7 +211,7 @@ def test_end_to_end(out, loss, extra, stage1_rounds):
     if stage1_rounds == 0:
         assert summary["stage1"] is None
     else:
-        assert set(summary["stage1"]) == {"knn_acc", "linear_acc"}
+        assert set(summary["stage1"]) == set(common.EVAL_KEYS)
     assert "stage 1" in proc.stdout and "clustering (test set): ACC" in proc.stdout
     assert_encoder_reproduces(folder, summary["knn_acc"])
 

@@ -33,7 +33,8 @@ def test_local_cl_reports_every_client_and_their_mean(out):
     summary, _ = assert_complete_run(folder, rounds=2)
     per = summary["per_client"]
     assert len(per) == 5
-    assert summary["knn_acc"] == pytest.approx(sum(p["knn_acc"] for p in per) / 5)
+    for key in common.EVAL_KEYS:           # few-label numbers too: the mean over clients
+        assert summary[key] == pytest.approx(sum(p[key] for p in per) / 5), key
     assert summary["knn_acc_std"] >= 0
     assert_encoder_reproduces(folder, per[3]["knn_acc"], index=3)      # one encoder per client, by index
     with pytest.raises(common.UserError, match="5 encoders, one per client: pass index=0..4"):
