@@ -93,11 +93,11 @@ class Args(common.RunArgs):
     norm: str = "gnws"
     """gnws (GroupNorm + weight standardisation, the paper's) | gn; BatchNorm is refused"""
     participation: float = 0.0
-    """fraction of clients in a round's pool; 0 = the code's rule: all if fewer than 200, else 100 clients"""
+    """fraction of clients in a round's pool; 0 = the code's rule: all if fewer than 200, else 1 / (clients // 100)"""
     batch_size: int = 0
     """images per client per step; 0 = the code's rule: 100 // pool size, at least 1"""
     rounds: int = 0
-    """rounds (epochs of the pool); 0 = --passes x clients / pool (the code's scaling)"""
+    """rounds (epochs of the pool); 0 = --passes / participation (the code's scaling)"""
     passes: int = 6
     """training budget when --rounds 0: passes over the training data (the paper: 200)"""
     eval_every: int = 10
