@@ -45,7 +45,7 @@ Where we differ from the code, and why:
 Paper numbers: 86.46 / 84.75 (1000 clients, non-IID CIFAR-10) are the code's protocol: the checkpoint
 with the best test kNN, then the best test epoch of the linear probe, with Gaussian blur and crop scale
 0.08 in the augmentation; ours is the last probe epoch of the final model (common-protocol.md), so
-lower by design. The abstract's ">84 %" is MocoSFL-3, i.e. `--cut-layer 2` with `--preset paper`.
+expected to be lower. The abstract's ">84 %" is MocoSFL-3, i.e. `--cut-layer 2` with `--preset paper`.
 Out of scope: TAResSFL (the paper's privacy extension: a frozen, inversion-resistant client model with
 a bottleneck) and the model-inversion attack.
 
