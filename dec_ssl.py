@@ -7,10 +7,12 @@ as the Dirichlet alpha shrinks), is on par with centralized SSL, and FeatARC hel
 
 What is what. [paper] FedAvg on an SSL loss; FeatARC = feature alignment + clustering.
 [code] Every round each sampled client starts from the global weights and trains E epochs with a FRESH
-optimizer (Adam 1e-3, wd 1e-6); the server takes the UNWEIGHTED mean of the whole state dict (BN statistics
+optimizer (Adam 1e-3, wd 1e-6 for SimCLR; the code's SimSiam runs use SGD 0.03, momentum 0.9, wd 5e-4, see
+Run; our default is Adam for every objective, one recipe for the comparison); the server takes the UNWEIGHTED mean of the whole state dict (BN statistics
 included; `--weighted true` for sample-count FedAvg); server lr x0.3 at 30/60/90% of the rounds. SimCLR:
 projector d -> 512 BN ReLU -> d, NT-Xent tau 0.5. SimSiam: 3-layer projector, 2-layer predictor, negative
-cosine with stop-gradient. FeatARC: C cluster models initialised independently, client k starts in cluster
+cosine with stop-gradient ([reconstruction] our projector's hidden width is --hidden-dim = 512, the code's
+2048; its predictor's 512 matches). FeatARC: C cluster models initialised independently, client k starts in cluster
 k mod C; before local training a client is assigned to the cluster whose backbone features of its clean
 images align best (mean cosine) with those of its last local model; loss L = L_SSL - lam * align; each
 cluster averages the models of its clients. Preset `paper` = the code's Dirichlet sweep (CIFAR-10,
@@ -21,17 +23,30 @@ Their target network is averaged like the online network (`--target average`) or
 online network each round (`--target reset`); MoCo's queue stays on the client and is emptied every round.
 `--bn-reestimate` recomputes BN statistics on the training set before evaluation (the code's probe does it
 while training); off by default, so the evaluation is the shared protocol's. Clients per round are
-round(pK) (shared protocol), the code uses max(floor(pK), 1).
+round(pK) (shared protocol), the code uses max(floor(pK), 1). Both views go through the network as one
+batch (BatchNorm sees 2B images); the code runs each view through it separately (B images each).
 
 Defects of the released code, fixed here (and named so a reader can compare):
 1. Server schedule: MultiStepLR(milestones=[int(.3R), int(.6R), int(.9R)]). For R < 4 rounds int(.3R) = 0,
    so training STARTS decayed (R=1: x0.027, R=3: x0.3 in round 1). We decay round r once per milestone
-   f in {.3,.6,.9} with (r-1)/R >= f, which equals MultiStepLR whenever the milestones are integers.
-   (A second MultiStepLR inside each client update compounds with it at E=1; we apply only the server's.)
+   f in {.3,.6,.9} with (r-1)/R >= f: the code's milestones rounded UP instead of down. This equals
+   MultiStepLR when R is a multiple of 10 and differs for every other R (R=15: decays after rounds 5, 9,
+   14 instead of 4, 9, 13), not only below 4 rounds. (A second MultiStepLR inside each client update,
+   with milestones from E x epochs, fires within the client's E epochs and compounds with the server's
+   when E <= 3; we apply only the server's.)
 2. FeatARC aggregation appends uploads in sampling order but indexes them by client id, and includes
    assigned clients that were not sampled: clusters average the wrong models (or fail). We key by client id.
 3. Each client trains on only the first 80% of its (label-ordered) index list, which makes label skew more
-   extreme; `--first80 true` reproduces it, the default uses all of a client's images.
+   extreme; `--first80 true` reproduces it, the default uses all of a client's images. It is the code's
+   exact subset only for the Dirichlet partition (the code's iid split is a Python set and its skew split
+   orders indices differently, so their "first 80%" are other images).
+FeatARC's assignment, once defect 2 is fixed, reinforces itself: a client compares its last local model
+(trained from its cluster's model) with every cluster model, and its own cluster is the average of that
+very model and its siblings', while the other cluster was initialised independently and trained on other
+clients; its own cluster always aligns better, so assignments stay at k mod C and FeatARC becomes C
+separate FedAvg runs on a fixed split (tests: test_featarc_rule_*). In the released code assignments
+move only BECAUSE of the indexing defect (clusters average the wrong clients' models), and then the two
+cluster models merge: their feature similarity goes 0.86 -> 0.997 in four rounds.
 FeatARC's headline number is the MEAN over cluster models (no test-set selection); summary.json also gives
 every cluster and the best one picked by test linear accuracy, as the released code reports (optimistic).
 
@@ -46,7 +61,7 @@ Sweep (the paper's claims; one run at a time; every run has the same schedule, F
   python dec_ssl.py --clients 1 --partition iid $S                      (centralized, same image passes)
 Expected (that sweep, seed 0, 2 CPU cores, ~2-3 min a run): kNN 0.63-0.66 for every alpha and objective
 vs 0.563 for the random encoder, centralized 0.683; FeatARC within +-0.01 of plain SimCLR and its
-assignments never left k mod C. The linear probe (0.78-0.79) does not separate anything from the random
+assignments never left k mod C (as explained above, they cannot once the defect is fixed). The linear probe (0.78-0.79) does not separate anything from the random
 encoder's 0.785 at this size: read the kNN column.
 """
 import copy
@@ -71,7 +86,7 @@ class Args(common.RunArgs):
     first80: bool = False
     """train each client on only the first 80 percent of its label-ordered index list (released code's defect)"""
     hidden_dim: int = 512
-    """hidden width of projector and predictor (the code's 512)"""
+    """hidden width of projector and predictor (512: the code's SimCLR projector and SimSiam predictor; its SimSiam projector: 2048)"""
     proj_dim: int = 0
     """projector output size; 0 = the backbone's size (FeatARC needs that)"""
     tau: float = 0.5
@@ -226,6 +241,14 @@ def assign_cluster(own, cluster_feats) -> int:
     return int(torch.stack([(own * fj).sum(1).mean() for fj in cluster_feats]).argmax())
 
 
+def featarc_choose(last_local, clusters, run: common.Run, idx):
+    """FeatARC on one client: (cluster j whose features align best with the client's last local model's,
+    anchors a_i = cluster j's clean backbone features of the client's images)."""
+    cluster_feats = [clean_features(m.encoder, run, idx) for m in clusters]
+    j = assign_cluster(clean_features(last_local, run, idx), cluster_feats)
+    return j, cluster_feats[j]
+
+
 def aggregate(uploads: dict, assign: dict, clusters: int, weights=None) -> dict:
     """Per-cluster mean KEYED BY CLIENT ID: cluster j <- mean of this round's uploads from clients assigned
     to j; clusters without uploads keep their weights. With one cluster this is plain (Dec-SSL) FedAvg."""
@@ -269,9 +292,7 @@ def main():
             idx = client_indices(run, c, args)
             assign[c] = 0
             if args.featarc:        # on the client: only the chosen cluster index is sent to the server
-                cluster_feats = [clean_features(m.encoder, run, idx) for m in clusters]
-                assign[c] = assign_cluster(clean_features(last_local[c], run, idx), cluster_feats)
-                anchors[idx] = cluster_feats[assign[c]]                 # a_i, frozen for this round
+                assign[c], anchors[idx] = featarc_choose(last_local[c], clusters, run, idx)   # a_i: frozen
             worker.load_state_dict(clusters[assign[c]].state_dict())    # download
             if args.target == "reset" and worker.target is not None:
                 worker.reset_target()

@@ -95,3 +95,22 @@ def resume_to(script, folder, out, **new_args):
     (folder / "summary.json").unlink()
     proc, _ = run_script(script, "--resume", folder, out=out)
     return proc
+
+
+def run_in_process(module, *flags, out, monkeypatch):
+    """Run `module.main()` with these flags inside the test process, so a test can wrap the method's
+    own functions (monkeypatch.setattr on the module) and watch what the round loop passes them.
+    Returns the run folder."""
+    import signal
+    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, flags), "--out", str(out)])
+    handler = signal.getsignal(signal.SIGINT)      # Run.rounds installs its own Ctrl-C handler
+    try:
+        module.main()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    return sorted(Path(out).glob("*/"))[-1]
+
+
+# A smaller budget for in-process runs (two rounds, few images, a one-epoch probe).
+SMALL = ["--train-size", "200", "--test-size", "100", "--rounds", "2", "--local-epochs", "1", "--batch-size", "32",
+         "--eval-every", "2", "--probe-epochs", "1", "--device", "cpu"]

@@ -2,6 +2,7 @@
 (with the released code's indexing defect reproduced and shown to fail), the server lr schedule, and
 end-to-end runs for every --ssl value and for --featarc."""
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 
 import common
 import dec_ssl
-from conftest import TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, run_script, resume_to
+from conftest import (SMALL, TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run,
+                      run_in_process, run_script, resume_to)
 
 
 def cos(a, b):
@@ -166,6 +168,8 @@ def test_server_lr_schedule_and_the_released_few_rounds_defect():
     for R in (1, 2, 3):         # few rounds: the released schedule starts decayed, ours starts at lr
         assert released(R)[0] < 1.0 and ours(R)[0] == 1.0
     assert ours(2) == pytest.approx([1.0, 0.3]) and ours(4) == pytest.approx([1.0, 1.0, 0.3, 0.09])
+    decays = lambda lrs: [r for r in range(1, len(lrs)) if lrs[r] < lrs[r - 1]]    # rounds after which lr drops
+    assert decays(ours(15)) == [5, 9, 14] and decays(released(15)) == [4, 9, 13]   # not a multiple of 10
 
 
 def test_first80_keeps_the_first_80_percent_of_the_label_ordered_list():
@@ -222,6 +226,169 @@ def test_featarc_end_to_end_and_resume(out, tmp_path):
     for a, b in zip(metrics, rmetrics):
         assert (a["loss"], a["assign"], a["knn_clusters"]) == (b["loss"], b["assign"], b["knn_clusters"])
     assert resumed["linear_acc"] == summary["linear_acc"]
+
+
+# --- FeatARC's rule, and what the round loop does with it ------------------------------------------
+
+def _tiny_run(n=40, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
+    data = common.Data(x, torch.zeros(n, dtype=torch.long), x, torch.zeros(n, dtype=torch.long), 10, (0.3,), (0.35,))
+    return SimpleNamespace(data=data, augment=common.Augment(data), device=torch.device("cpu"))
+
+
+def _moved(model, scale, seed):
+    """A copy of `model` with every parameter moved a little, as a few local steps would."""
+    g = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _cluster_models(encoders):
+    args = dec_ssl.Args(hidden_dim=8)
+    models = [dec_ssl.SSLModel(args, common.SmallCNN(1, width=8)) for _ in encoders]
+    for m, e in zip(models, encoders):
+        m.encoder.load_state_dict(e.state_dict())
+    return models
+
+
+def test_featarc_rule_moves_a_client_whose_model_belongs_to_the_other_cluster():
+    """Client 0 (k mod C = 0) whose last local model is close to cluster 1's (its data made it so) and
+    far from cluster 0's: the rule moves it to cluster 1, and its anchors are cluster 1's features."""
+    torch.manual_seed(8)
+    run, idx = _tiny_run(), torch.arange(40)
+    c0, c1 = common.SmallCNN(1, width=8), common.SmallCNN(1, width=8)      # initialised independently
+    local = _moved(c1, 0.02, seed=1)
+    j, anchors = dec_ssl.featarc_choose(local, _cluster_models([c0, c1]), run, idx)
+    assert j == 1 and j != 0 % 2
+    assert torch.allclose(anchors, dec_ssl.clean_features(c1, run, idx))
+    assert not torch.allclose(anchors, dec_ssl.clean_features(c0, run, idx), atol=1e-2)
+
+
+def test_featarc_rule_keeps_a_client_whose_cluster_averages_its_own_model():
+    """Why assignments stay at k mod C once the indexing defect is fixed: cluster 0 is the mean of this
+    client's last model and a sibling's (both trained from cluster 0), cluster 1 an independent model
+    moved the same way by its own members; the client's own cluster always aligns better."""
+    torch.manual_seed(9)
+    run, idx = _tiny_run(), torch.arange(40)
+    start0, start1 = common.SmallCNN(1, width=8), common.SmallCNN(1, width=8)
+    local, sibling = _moved(start0, 0.05, seed=2), _moved(start0, 0.05, seed=3)
+    c0 = copy.deepcopy(start0)
+    c0.load_state_dict(common.fedavg([local.state_dict(), sibling.state_dict()]))
+    c1 = copy.deepcopy(start1)
+    c1.load_state_dict(common.fedavg([_moved(start1, 0.05, seed=4).state_dict(), _moved(start1, 0.05, seed=5).state_dict()]))
+    assert dec_ssl.featarc_choose(local, _cluster_models([c0, c1]), run, idx)[0] == 0
+
+
+def test_featarc_round_loop_uses_the_rule_trains_from_and_aligns_to_the_assigned_cluster(monkeypatch, tmp_path):
+    """main() with a rule that puts every client into cluster 1 (client 0's k mod C is 0): the metrics
+    say so, each client starts from cluster 1's model and is anchored to its features, next round the
+    rule sees the client's own last model, cluster 1 becomes the mean of its members' uploads and
+    cluster 0, without members, keeps its weights."""
+    seen, trained, uploads = [], {}, []
+    real_update = dec_ssl.local_update
+
+    def rule(own, cluster_feats):
+        seen.append((own.clone(), [f.clone() for f in cluster_feats]))
+        return 1
+
+    def update(model, run, idx, args, lr, anchors=None):
+        own, feats = seen[-1]
+        key = int(idx[0])
+        assert torch.allclose(dec_ssl.clean_features(model.encoder, run, idx), feats[1], atol=1e-5)  # starts from 1
+        assert torch.equal(anchors[idx], feats[1])                                                  # anchored to 1
+        if key in trained:                                            # round 2: compared its own last model
+            assert torch.allclose(own, trained[key], atol=1e-5)
+        out = real_update(model, run, idx, args, lr, anchors)
+        trained[key] = dec_ssl.clean_features(model.encoder, run, idx)
+        uploads.append({k: v.clone() for k, v in model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(dec_ssl, "assign_cluster", rule)
+    monkeypatch.setattr(dec_ssl, "local_update", update)
+    folder = run_in_process(dec_ssl, *SMALL, "--clients", "2", "--partition", "iid", "--featarc", "true",
+                            "--clusters", "2", "--hidden-dim", "16", out=tmp_path / "runs", monkeypatch=monkeypatch)
+    _, metrics, _ = read_run(folder)
+    assert [m["assign"] for m in metrics] == [[1, 1], [1, 1]]
+    assert len(seen) == 4 and len(trained) == 2
+    for c in (0, 1):                    # calls: round 1 client 0, client 1, round 2 client 0, client 1
+        assert torch.equal(seen[2 + c][1][0], seen[c][1][0])             # cluster 0 never changed
+        assert not torch.allclose(seen[2 + c][1][1], seen[c][1][1])      # cluster 1 did
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=False)["state"]["clusters"]
+    for k, v in uploads[2].items():                                        # round 2's two uploads
+        if v.is_floating_point():
+            assert torch.allclose(ckpt[f"1.{k}"], (uploads[2][k] + uploads[3][k]) / 2, atol=1e-6), k
+
+
+@pytest.mark.parametrize("target", ["average", "reset"])
+def test_byol_target_at_download_and_unweighted_server_mean(target, monkeypatch, tmp_path):
+    """Round 2 downloads the UNWEIGHTED mean of round 1's uploads (clients of different sizes), target
+    network included: averaged like the online one (--target average) or reset to the online one."""
+    entries, uploads = [], []
+    real_update = dec_ssl.local_update
+
+    def update(model, run, idx, args, lr, anchors=None):
+        entries.append({k: v.clone() for k, v in model.state_dict().items()})
+        out = real_update(model, run, idx, args, lr, anchors)
+        uploads.append({k: v.clone() for k, v in model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(dec_ssl, "local_update", update)
+    folder = run_in_process(dec_ssl, *SMALL, "--clients", "2", "--partition", "dirichlet", "--alpha", "0.3",
+                            "--ssl", "byol", "--target", target, "--hidden-dim", "16",
+                            out=tmp_path / "runs", monkeypatch=monkeypatch)
+    sizes = json.loads((folder / "partition.json").read_text())["clients"]
+    assert sizes[0]["size"] != sizes[1]["size"]
+    online = [k for k in entries[2] if k.startswith(("encoder.", "projector.")) and entries[2][k].is_floating_point()]
+    for k in online:
+        mean = (uploads[0][k] + uploads[1][k]) / 2
+        assert torch.allclose(entries[2][k], mean, atol=1e-6), k
+        t = "target." + ("0." if k.startswith("encoder.") else "1.") + k.split(".", 1)[1]
+        want = (uploads[0][t] + uploads[1][t]) / 2 if target == "average" else mean
+        assert torch.allclose(entries[2][t], want, atol=1e-6), t
+    assert any(not torch.allclose(entries[2]["target.0." + k.split(".", 1)[1]], entries[2][k])
+               for k in online if k.startswith("encoder.")) == (target == "average")
+
+
+def test_alignment_term_enters_the_loss_with_weight_lambda():
+    """local_update's first-step loss = L_SSL + lam * align(anchors, z1, z2), computed on the same views."""
+    torch.manual_seed(10)
+    x = torch.randn(16, 1, 28, 28)
+    run = SimpleNamespace(device=torch.device("cpu"), batches=lambda idx: [idx],
+                          two_views=lambda b: (x[b] + 0.1, x[b].flip(-1)))
+    args = dec_ssl.Args(hidden_dim=8, lam=0.5, local_epochs=1)
+    model = dec_ssl.SSLModel(args, common.SmallCNN(1, width=8))
+    anchors = F.normalize(torch.randn(16, model.out_dim), dim=1)
+    ref = copy.deepcopy(model)
+    idx = torch.arange(16)
+    v1, v2 = run.two_views(idx)
+    l_ssl, z1, z2, _ = dec_ssl.ssl_step(ref, v1, v2, args, None)
+    want = l_ssl + 0.5 * dec_ssl.featarc_align(anchors, z1, z2)
+    loss, _ = dec_ssl.local_update(model, run, idx, args, 1e-3, anchors)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert abs(dec_ssl.featarc_align(anchors, z1, z2).item()) > 1e-3       # the term is not negligible
+
+
+def test_moco_queue_starts_empty_every_round(monkeypatch):
+    """MoCo's queue lives on the client for one local update: 0 keys at its first step, 2B more per step."""
+    torch.manual_seed(11)
+    x = torch.randn(16, 1, 28, 28)
+    run = SimpleNamespace(device=torch.device("cpu"), batches=lambda idx: [idx[:8], idx[8:]],
+                          two_views=lambda b: (x[b] + 0.1, x[b].flip(-1)))
+    args = dec_ssl.Args(ssl="moco", hidden_dim=8, local_epochs=1, queue_size=100)
+    model = dec_ssl.SSLModel(args, common.SmallCNN(1, width=8))
+    lengths, real = [], dec_ssl.moco_loss
+    monkeypatch.setattr(dec_ssl, "moco_loss", lambda q1, q2, k1, k2, queue, tau: (lengths.append(len(queue)), real(q1, q2, k1, k2, queue, tau))[1])
+    for _ in range(2):                                                     # two rounds
+        dec_ssl.local_update(model, run, torch.arange(16), args, 1e-3)
+    assert lengths == [0, 16, 0, 16]
+
+
+def test_first80_is_off_by_default():
+    assert dec_ssl.Args().first80 is False and dec_ssl.Args().featarc is False
 
 
 @pytest.mark.parametrize("flags,needle", [(["--ssl", "swav"], "--ssl"), (["--ema", "1"], "--ema"),

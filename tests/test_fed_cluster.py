@@ -1,6 +1,9 @@
 """fed_cluster.py: clustering metrics and losses against slow references, the two stages end to end."""
+import copy
 import itertools
+import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +12,8 @@ import torch.nn.functional as F
 
 import common
 import fed_cluster as fc
-from conftest import TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, run_script, resume_to
+from conftest import (SMALL, TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run,
+                      run_in_process, run_script, resume_to)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,3 +253,91 @@ def test_bad_flags_exit_2(out, flags, needle):
 def test_bad_values_are_refused_by_check(kw, needle):
     with pytest.raises(common.UserError, match=needle):
         fc.Args(**kw).check()
+
+
+# ---------------------------------------------------------------------------------------------
+# local_update against the same terms recomputed; the round loop watched from inside
+# ---------------------------------------------------------------------------------------------
+
+def _fake_run(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    return SimpleNamespace(device=torch.device("cpu"), batches=lambda idx: [idx],
+                           two_views=lambda b: (x[b] + 0.1, x[b].flip(-1)))
+
+
+@pytest.mark.parametrize("loss,stage,cluster_loss", [("both", 1, "contrastive"), ("both", 2, "contrastive"),
+                                                     ("noncontrastive", 2, "noncontrastive"),
+                                                     ("contrastive", 2, "noncontrastive")])
+def test_local_step_loss_has_every_term_and_the_target_follows_by_ema(loss, stage, cluster_loss):
+    """The first step's loss = instance loss (L_N + lambda_C L_C, or one of them) [+ cluster loss in
+    stage 2], recomputed from the same views; afterwards target = m target + (1 - m) online."""
+    torch.manual_seed(12)
+    args = fc.Args(loss=loss, cluster_loss=cluster_loss, lambda_c=0.5, tau=0.4, tau_c=0.8, tau_t=0.6,
+                   momentum=0.9, local_epochs=1, lr=1e-3)
+    online = fc.Net(common.SmallCNN(1, width=8), 16, 4)
+    target = fc.Net(copy.deepcopy(online.encoder), 16, 4, predictor=False)
+    target.load_state_dict(online.state_dict(), strict=False)
+    with torch.no_grad():                                # a target that lags the online net, as after a few steps
+        for p in target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    on, tg, t0 = copy.deepcopy(online), copy.deepcopy(target), copy.deepcopy(target)
+    run, idx = _fake_run(), torch.arange(16)
+    v = torch.cat(run.two_views(idx))
+    h = on.encoder(v)
+    z = on.projector(h)
+    with torch.no_grad():
+        h_t = tg.encoder(v)
+        z1_t, z2_t = tg.projector(h_t).chunk(2)
+    n_loss = fc.byol_loss(*on.predictor(z).chunk(2), z1_t, z2_t)
+    c_loss = common.nt_xent(*z.chunk(2), 0.4)
+    want = {"both": n_loss + 0.5 * c_loss, "noncontrastive": n_loss, "contrastive": c_loss}[loss]
+    want_clu = 0.0
+    if stage == 2:
+        a1, a2 = F.softmax(on.cluster(h), dim=1).chunk(2)
+        if cluster_loss == "contrastive":
+            want_clu = fc.cluster_loss_contrastive(a1, a2, 0.8)
+        else:
+            want_clu = fc.cluster_loss_noncontrastive(a1, a2, *tg.cluster(h_t).detach().chunk(2), 0.6)
+    got, clu, images = fc.local_update(online, target, run, idx, args, stage)
+    assert got.item() == pytest.approx(float(torch.as_tensor(want + want_clu).detach()), rel=1e-5)
+    assert clu.item() == pytest.approx(float(torch.as_tensor(want_clu).detach()), rel=1e-5, abs=1e-7) and images == 32
+    if loss != "contrastive" or cluster_loss == "noncontrastive":      # the target is used, so it moves
+        for name in ("encoder", "projector", "cluster"):
+            for (k, t), o, p0 in zip(getattr(target, name).named_parameters(), getattr(online, name).parameters(),
+                                     getattr(t0, name).parameters()):
+                assert torch.allclose(t, 0.9 * p0 + 0.1 * o, atol=1e-6), (name, k)
+
+
+@pytest.mark.parametrize("keep_target", [False, True])
+def test_round_loop_downloads_the_weighted_mean_switches_stage_and_sets_the_target(keep_target, monkeypatch, tmp_path):
+    calls, real = [], fc.local_update
+    state = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    def update(online, target, run, idx, args, stage):
+        entry = (state(online), state(target))
+        out = real(online, target, run, idx, args, stage)
+        calls.append(dict(idx=idx.clone(), clients=run.clients, stage=stage, entry=entry,
+                          upload=state(online), target=state(target)))
+        return out
+
+    monkeypatch.setattr(fc, "local_update", update)
+    folder = run_in_process(fc, *SMALL, "--clients", "3", "--partition", "dirichlet", "--alpha", "0.5",
+                            "--cluster-rounds", "1", "--loss", "both", "--keep-target", str(keep_target).lower(),
+                            out=tmp_path / "runs", monkeypatch=monkeypatch)
+    sizes = [c["size"] for c in json.loads((folder / "partition.json").read_text())["clients"]]
+    assert len(set(sizes)) > 1 and [c["stage"] for c in calls] == [1, 1, 1, 2, 2, 2]
+    for i, c in enumerate(calls):
+        assert torch.equal(c["idx"], c["clients"][i % 3])
+        online, target = c["entry"]
+        if i < 3 or not keep_target:                     # target := global online weights at download
+            assert all(torch.equal(target[k], online[k]) for k in target)
+        else:                                            # kept: the client's own target of last round
+            assert all(torch.equal(target[k], calls[i - 3]["target"][k]) for k in target)
+    mean = lambda ups: {k: sum(n * u[k] for n, u in zip(sizes, ups)) / sum(sizes) for k in ups[0]
+                        if ups[0][k].is_floating_point()}
+    for k, want in mean([c["upload"] for c in calls[:3]]).items():
+        assert all(torch.allclose(c["entry"][0][k], want, atol=1e-6) for c in calls[3:]), k
+    model = torch.load(folder / "checkpoint.pt", weights_only=False)["state"]["model"]
+    for k, want in mean([c["upload"] for c in calls[3:]]).items():
+        assert torch.allclose(model[k], want, atol=1e-6), k

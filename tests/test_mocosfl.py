@@ -1,6 +1,7 @@
 """mocosfl.py against slow references: the unsplit network, one graph through all clients and the
 server, per-client nn.Module copies with their own torch.optim.SGD, and a loop-based InfoNCE."""
 import copy
+import math
 
 import pytest
 import torch
@@ -165,6 +166,7 @@ def test_vectorised_train_step_equals_per_client_loop():
 def test_vectorised_client_step_equals_separate_client_steps():
     """N clients, random server gradients: vmap + stacked SGD == N modules each with torch.optim.SGD."""
     args, st, pool, x_q, _ = setup(P=5, B=1)
+    w_start = pool["w"]["0.0.weight"].detach().clone()
     refs = [module_of(st["client"], {k: v[i] for k, v in pool["w"].items()}) for i in range(5)]
     opts = [torch.optim.SGD(r.parameters(), lr=0.1, momentum=0.9, weight_decay=args.weight_decay) for r in refs]
     for step in range(2):
@@ -178,7 +180,9 @@ def test_vectorised_client_step_equals_separate_client_steps():
     for i, r in enumerate(refs):
         for k, p in r.named_parameters():
             assert torch.allclose(pool["w"][k][i], p, atol=1e-6), (i, k)
-    assert not torch.allclose(pool["w"]["0.0.weight"][0], pool["w"]["0.0.weight"][1])
+    # each client moved by its own gradient (the rows differed before the steps, so compare the moves)
+    moved = pool["w"]["0.0.weight"] - w_start
+    assert moved.abs().sum() > 0 and not torch.allclose(moved[0], moved[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("with_momentum", [False, True])
@@ -222,6 +226,76 @@ def test_round_writes_back_only_the_pool(with_momentum):
     assert st["meta"]["weights_bytes"] == 3 * 3 * common.state_bytes(st["client"]) * (2 if with_momentum else 1)
 
 
+def test_resnet18_vmap_equals_a_loop_over_clients_with_different_weights():
+    """MocoSFL-3's client (stem + a basic block, GroupNorm + WS) with a different model per client:
+    the vmapped forward and the gradient in each client's row equal a per-client nn.Module's."""
+    torch.manual_seed(5)
+    client, _ = mocosfl.split_network(make(encoder="resnet18", cut_layer=2), 3)
+    g = torch.Generator().manual_seed(6)
+    w = {k: (p.detach().expand(3, *p.shape) + 0.2 * torch.randn(3, *p.shape, generator=g)).requires_grad_()
+         for k, p in client.named_parameters()}
+    x = torch.randn(3, 2, 3, 8, 8)
+    h = mocosfl.client_forward(client, w, x)
+    grad_out = torch.randn_like(h)
+    h.backward(grad_out)
+    for i in range(3):
+        ref = module_of(client, {k: v[i] for k, v in w.items()})
+        out = ref(x[i])
+        assert torch.allclose(h[i], out, atol=1e-5, rtol=1e-4), i
+        out.backward(grad_out[i])
+        for k, p in ref.named_parameters():
+            assert torch.allclose(w[k].grad[i], p.grad, atol=1e-5, rtol=1e-4), (i, k)
+    assert not torch.allclose(h[0], h[1], atol=1e-3)          # the clients' models really differ
+
+
+def test_cosine_lr_per_round():
+    args = make(lr=0.06, rounds=4)
+    assert [mocosfl.cosine_lr(args, r) for r in (1, 2, 3, 4)] == pytest.approx(
+        [0.06, 0.03 * (1 + math.sqrt(0.5)), 0.03, 0.03 * (1 - math.sqrt(0.5))])
+
+
+def test_rounds_write_back_the_mean_and_carry_momentum_models_and_buffers():
+    """Round 1 ends by loading the pool's last synced mean into the one client model; round 2 starts from
+    it, and from each pool client's own momentum model and SGD buffer as round 1 left them (zero for a
+    client that never trained), never from fresh ones."""
+    torch.manual_seed(0)
+    args = make(clients=6, batch_size=2, queue_size=32, proj_dim=8, sync_every=2)
+    st = mocosfl.init_state(args, 1, torch.device("cpu"))
+    x = torch.randn(60, 1, 12, 12)
+    clients = list(torch.arange(60).chunk(6))
+    views = lambda i: (x[i] + 0.1, x[i] - 0.1)
+    synced, entry = [], []
+    real_sync, real_step = mocosfl.sync, mocosfl.train_step
+
+    def spy_sync(w, w_m, with_momentum):
+        real_sync(w, w_m, with_momentum)
+        synced.append({k: v.detach().clone() for k, v in w.items()})
+
+    def spy_step(st_, pool, *a):
+        entry.append({part: {k: v.detach().clone() for k, v in pool[part].items()} for part in ("w", "w_m", "buf")})
+        return real_step(st_, pool, *a)
+
+    mocosfl.sync, mocosfl.train_step = spy_sync, spy_step
+    try:
+        w0 = {k: p.detach().clone() for k, p in st["client"].named_parameters()}
+        mocosfl.run_round(st, clients, [1, 3, 4], 3, 0.05, args, views)
+        after = {k: p.detach().clone() for k, p in st["client"].named_parameters()}
+        m1 = {k: v.clone() for k, v in st["client_m"].items()}
+        b1 = {k: v.clone() for k, v in st["client_buf"].items()}
+        entry.clear()
+        mocosfl.run_round(st, clients, [3, 5], 1, 0.05, args, views)
+    finally:
+        mocosfl.sync, mocosfl.train_step = real_sync, real_step
+    assert len(synced) == 3                                   # after steps 2 and 3 of round 1, step 1 of round 2
+    for k in after:
+        assert torch.equal(after[k], synced[1][k][0])         # the last synced mean of round 1 ...
+        assert not torch.allclose(after[k], w0[k])            # ... which moved away from the start
+        assert all(torch.equal(entry[0]["w"][k][i], after[k]) for i in range(2))   # round 2 downloads it
+        assert torch.equal(entry[0]["w_m"][k][0], m1[k][3]) and torch.equal(entry[0]["w_m"][k][1], m1[k][5])
+        assert torch.equal(entry[0]["buf"][k][0], b1[k][3]) and entry[0]["buf"][k][1].abs().sum() == 0
+        assert b1[k][3].abs().sum() > 0 and not torch.equal(m1[k][3], m1[k][5])
+
+
 def test_client_step_memory_counts_activations_per_image():
     client, _ = mocosfl.split_network(make(), 1)
     one, two, three = (mocosfl.client_step_bytes(client, torch.randn(b, 1, 28, 28)) for b in (1, 2, 3))
@@ -243,6 +317,9 @@ def test_end_to_end_5_clients_and_resume(out, tmp_path):
     summary, metrics = assert_complete_run(folder, rounds=2)
     # 600 images / 5 clients = 120 each, B = 32 -> 3 steps per round, syncs after steps 2 and 3
     assert [(m["pool"], m["steps"], m["images"]) for m in metrics] == [(5, 3, 960)] * 2
+    assert [m["lr"] for m in metrics] == pytest.approx([0.06, 0.03])           # cosine over 2 rounds
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["server_opt"]["param_groups"][0]["lr"] == pytest.approx(0.03)   # what round 2 used
     assert summary["client_params"] == 32 * 9 + 64
     assert summary["comm_weights_mib"] == pytest.approx(2 * 2 * 352 * 4 / 2 ** 20)
     per_image = 32 * 14 * 14 * 4
