@@ -593,8 +593,7 @@ def parse(argv=None) -> Args:
                 common.fail(f"--json {args.json} is a folder; give a file name")
         preflight(args, common._pick_device(args.device))
     except common.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        common.refuse(str(e))
     return args
 
 

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gzip
 import hashlib
 import inspect
@@ -226,11 +227,12 @@ def check_memory(args, extra: dict | None = None):
     (`extra`, bytes) cannot fit the device's memory. A rough lower bound: it only catches the impossible."""
     c, h, w = IMAGE_SHAPE.get(args.dataset, (3, 32, 32))
     params = encoder_params(args)
+    n = TRAIN_IMAGES.get(args.dataset, 50000)
+    batch = min(args.batch_size, args.train_size or n, n)     # a client smaller than a batch is one batch
     if args.encoder == "resnet18":
-        act = 2 * args.batch_size * 64 * h * w * 20          # ~20 maps of the stem's size per image
+        act = 2 * batch * 64 * h * w * 20          # ~20 maps of the stem's size per image
     else:
-        width = getattr(args, "width", 32)
-        act = 2 * args.batch_size * width * h * w * 4        # conv/norm/relu maps of the first block
+        act = 2 * batch * getattr(args, "width", 32) * h * w * 4        # conv/norm/relu maps of the first block
     need = {"networks": model_copies_bytes(args, params), "activations": 4 * act, **(extra or {})}
     have = _device_memory(args.device)
     if sum(need.values()) > have:
@@ -239,6 +241,7 @@ def check_memory(args, extra: dict | None = None):
              f"{have / 2 ** 30:.1f} GiB: lower --width, --batch-size, --clients or the queue sizes")
 
 
+@functools.lru_cache(maxsize=None)
 def _field_docs(cls) -> dict:
     """The docstring under each dataclass field, collected over the class and its bases."""
     docs = {}
@@ -1022,6 +1025,7 @@ def start(cls, argv=None):
 def refuse(msg: str, code: int = 2):
     """One `error:` line on stderr and exit (2: bad input; 1: the run failed)."""
     sys.stdout.flush()
+    msg = " / ".join(line.strip() for line in str(msg).splitlines() if line.strip())   # one line, always
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
 

@@ -464,8 +464,7 @@ def main(argv=None):
         cells = make_cells(args, out / "runs")
         check_cells(cells)
     except common.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        common.refuse(str(e))
     device = device_name(args.device)
     jobs = args.jobs or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device.startswith("GPU") else 1)
     out.mkdir(parents=True, exist_ok=True)
