@@ -210,8 +210,11 @@ def encoder_dim(args) -> int:
 
 def encoder_params(args) -> int:
     """Parameters of make_encoder(args), counted on the meta device (nothing is allocated)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in make_encoder(args, IMAGE_SHAPE.get(args.dataset, (3, 32, 32))[0]).parameters())
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in make_encoder(args, IMAGE_SHAPE.get(args.dataset, (3, 32, 32))[0]).parameters())
+    except (RuntimeError, OverflowError, ValueError) as e:    # sizes past what a tensor shape can hold
+        fail(f"--width {getattr(args, 'width', '')} gives a network torch cannot even describe ({type(e).__name__})")
 
 
 def model_copies_bytes(args, params: int) -> int:
