@@ -213,7 +213,7 @@ def encoder_params(args) -> int:
     try:
         with torch.device("meta"):
             return sum(p.numel() for p in make_encoder(args, IMAGE_SHAPE.get(args.dataset, (3, 32, 32))[0]).parameters())
-    except (RuntimeError, OverflowError, ValueError) as e:    # sizes past what a tensor shape can hold
+    except Exception as e:       # sizes past what a tensor shape can hold (RuntimeError, OverflowError, c10 errors)
         fail(f"--width {getattr(args, 'width', '')} gives a network torch cannot even describe ({type(e).__name__})")
 
 
