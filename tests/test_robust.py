@@ -21,7 +21,7 @@ import pytest
 import common
 from conftest import ROOT
 
-SCRIPTS = ["fedavg_cl.py", "local_cl.py", "dec_ssl.py", "feature_fusion.py", "neighborhood_match.py",
+SCRIPTS = ["fedavg_cl.py", "local_cl.py", "gossip_cl.py", "dec_ssl.py", "feature_fusion.py", "neighborhood_match.py",
            "mocosfl.py", "fed_cluster.py"]
 SMALL = ["--train-size", "200", "--test-size", "100", "--clients", "2", "--rounds", "1", "--batch-size", "16",
          "--probe-epochs", "1", "--width", "8", "--device", "cpu"]
