@@ -127,6 +127,8 @@ class Args:
         for name in ("repeats", "train_size", "batch_size", "scale_images", "workers"):
             if getattr(self, name) < 0:
                 common.fail(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.workers > 4 * (os.cpu_count() or 1):
+            common.fail(f"--workers must be at most 4 x the {os.cpu_count()} CPU cores (got {self.workers})")
         if 0 < self.train_size < 64:
             common.fail(f"--train-size must be at least 64 (got {self.train_size})")
         # the quick/full defaults behind the zeros
@@ -374,17 +376,42 @@ def in_loop_rate(folder: Path) -> dict:
     return summarise(rates)
 
 
+def ratio_flags(args: Args, name: str, device) -> list:
+    """The command line of one method's in-loop run in the ratio section."""
+    flags = ["--train-size", args.train_size, "--test-size", 200, "--clients", 2, "--partition", "iid",
+             "--rounds", args.repeats + 1, "--eval-every", 10 ** 6, "--probe-epochs", 1, "--device", device.type,
+             *METHODS[name][1]]
+    if args.batch_size and name != "mocosfl":        # mocosfl's batch follows its code's rule
+        flags += ["--batch-size", args.batch_size]
+    return list(map(str, flags))
+
+
+def scale_flags(args: Args, clients: int, device) -> list:
+    """The command line of fedavg_cl's run with `clients` clients in the scale section."""
+    n = args.scale_images
+    batch = max(2, n // max(args.scale_clients))     # the most clients' whole client data: one batch each
+    return list(map(str, ["--train-size", n, "--test-size", 100, "--clients", clients, "--partition", "iid",
+                          "--batch-size", batch, "--rounds", 2 if args.quick else 3, "--eval-every", 10 ** 6,
+                          "--probe-epochs", 1, "--device", device.type]))
+
+
+def preflight(args: Args, device):
+    """Every run the benchmark will start goes through its script's own checks first: a bad value
+    stops here, before minutes of measurements."""
+    runs = [(METHODS[n][0], ratio_flags(args, n, device)) for n in args.method_list if "ratio" in args.section_list]
+    runs += [("fedavg_cl", scale_flags(args, c, device)) for c in args.scale_clients if "scale" in args.section_list]
+    for module, flags in runs:
+        try:
+            dry_config(module, flags)
+        except common.UserError as e:
+            common.fail(f"{module} {shlex.join(flags)}: {e}")
+
+
 def measure_ratios(args: Args, device, tmp: Path, fast: bool, compile_: bool) -> list:
-    rounds = args.repeats + 1
-    common_flags = ["--train-size", args.train_size, "--test-size", 200, "--clients", 2, "--partition", "iid",
-                    "--rounds", rounds, "--eval-every", 10 ** 6, "--probe-epochs", 1, "--device", device.type]
     rows = []
     for name in args.method_list:
         module, extra, kind = METHODS[name]
-        flags = [*common_flags, *extra]
-        if args.batch_size and name != "mocosfl":        # mocosfl's batch follows its code's rule
-            flags += ["--batch-size", args.batch_size]
-        flags = list(map(str, flags))
+        flags = ratio_flags(args, name, device)
         cfg = dry_config(module, flags)          # the bare step is timed before AND after the run:
         spec = spec_for(name, cfg)               # the machine's load drifts, the median of both is fairer
         step, views = bare_step(spec, device)
@@ -498,10 +525,7 @@ def measure_scale(args: Args, device, tmp: Path) -> list:
     rows, n = [], args.scale_images
     batch = max(2, n // max(args.scale_clients))     # the most clients' whole client data: one batch each
     for clients in args.scale_clients:
-        flags = ["--train-size", n, "--test-size", 100, "--clients", clients, "--partition", "iid",
-                 "--batch-size", batch, "--rounds", 2 if args.quick else 3, "--eval-every", 10 ** 6,
-                 "--probe-epochs", 1, "--device", device.type]
-        flags = list(map(str, flags))
+        flags = scale_flags(args, clients, device)
         folder = run_method("fedavg_cl", flags, tmp / f"scale-fedavg-{clients}")
         rows.append({"method": "fedavg_cl", "clients": clients, "images": n, "batch_per_client": batch,
                      **in_loop_rate(folder)})
@@ -563,9 +587,13 @@ def parse(argv=None) -> Args:
     try:
         args = common.parse_args(Args, sys.argv[1:] if argv is None else list(argv))
         args.check()
+        if args.json:
+            common.check_out(str(Path(args.json).resolve().parent))
+            if Path(args.json).is_dir():
+                common.fail(f"--json {args.json} is a folder; give a file name")
+        preflight(args, common._pick_device(args.device))
     except common.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        common.refuse(str(e))
     return args
 
 

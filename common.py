@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gzip
 import hashlib
 import inspect
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -115,8 +117,11 @@ class RunArgs:
 
     PAPER: ClassVar[dict] = {}
 
+    MIN_CLIENT_IMAGES: ClassVar[int] = 2      # a training step needs 2 images (BatchNorm, contrastive pairs)
+
     def check(self):
         """Refuse settings that cannot run; method Args extend this and call super().check()."""
+        check_fields(self)
         choices = dict(dataset=DATASETS, encoder=("cnn", "resnet18"), norm=("bn", "gn", "gnws"),
                        partition=("iid", "dirichlet", "classes", "skew"), optimizer=("adam", "sgd"),
                        device=("auto", "cpu", "cuda"), preset=("default", "paper"))
@@ -126,9 +131,13 @@ class RunArgs:
         for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "classes_per_client", "width"):
             if getattr(self, name) < 1:
                 fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        for name in ("train_size", "test_size", "holdout", "probe_epochs", "min_client_size"):
+        for name in ("train_size", "test_size", "holdout", "min_client_size"):
             if getattr(self, name) < 0:
                 fail(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.probe_epochs < 1:    # 0 epochs would report an untrained probe's (undefined) accuracy
+            fail(f"--probe-epochs must be at least 1 (got {self.probe_epochs})")
+        if self.weight_decay < 0:
+            fail(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if self.alpha <= 0:
             fail(f"--alpha must be > 0 (got {self.alpha})")
         if not 0 <= self.skew_ratio <= 1:
@@ -141,8 +150,101 @@ class RunArgs:
             fail(f"--lr must be > 0 (got {self.lr})")
         if self.device == "cuda" and not torch.cuda.is_available():
             fail("--device cuda was asked for but no CUDA GPU is visible to torch")
+        images = TRAIN_IMAGES[self.dataset]
+        if self.holdout >= images:
+            fail(f"--holdout {self.holdout} leaves no training images ({self.dataset} has {images})")
+        images = min(self.train_size or images, images - self.holdout)
+        if self.clients > 1 and self.clients * self.MIN_CLIENT_IMAGES > images:
+            fail(f"--clients {self.clients} x {self.MIN_CLIENT_IMAGES} images (the least a client can train on) "
+                 f"is more than the {images} training images")
+        if not self.resume:
+            check_out(self.out)
+        check_memory(self, self.memory_extra())
+
+    def memory_extra(self) -> dict:
+        """Bytes of the method's own large tensors (queues, feature banks) beyond the networks; methods add theirs."""
+        return {}
 
 
+TRAIN_IMAGES = {"fmnist": 60000, "cifar10": 50000, "cifar100": 50000}
+IMAGE_SHAPE = {"fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+
+
+def check_fields(args):
+    """Values that cannot mean anything in any flag, found by introspection so a new flag is covered:
+    a non-finite float (nan, inf), a seed outside numpy's [0, 2**32)."""
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            fail(f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
+        if f.name == "seed" and not 0 <= v < 2 ** 32:
+            fail(f"--seed must be in [0, 2**32) (got {v})")
+
+
+def check_out(out: str):
+    """--out must be a folder we can create run folders in (or one we can create)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        fail(f"--out {out} is not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {out}: {parent} is not a writable folder")
+
+
+def _device_memory(device: str) -> int:
+    """Bytes the training device has in all (a CUDA GPU's total memory; a CPU's physical memory)."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 40
+
+
+def encoder_dim(args) -> int:
+    """Size of the representation make_encoder gives (before building it)."""
+    return 512 if args.encoder == "resnet18" else 4 * getattr(args, "width", 32)
+
+
+def encoder_params(args) -> int:
+    """Parameters of make_encoder(args), counted on the meta device (nothing is allocated)."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in make_encoder(args, IMAGE_SHAPE.get(args.dataset, (3, 32, 32))[0]).parameters())
+    except Exception as e:       # sizes past what a tensor shape can hold (RuntimeError, OverflowError, c10 errors)
+        fail(f"--width {getattr(args, 'width', '')} gives a network torch cannot even describe ({type(e).__name__})")
+
+
+def model_copies_bytes(args, params: int) -> int:
+    """fp32 bytes of `params` parameters held once per client of a round (uploads, local models) plus a few
+    (global, worker, optimizer state): what check_memory assumes for networks and heads."""
+    pool = max(1, round(args.participation * args.clients)) if args.participation > 0 else args.clients
+    return 4 * params * (pool + 4)
+
+
+def check_memory(args, extra: dict | None = None):
+    """Refuse before allocating anything when the networks (a copy per client of a round: its upload,
+    plus optimizer state), the activations of one batch of two views and the method's own tensors
+    (`extra`, bytes) cannot fit the device's memory. A rough lower bound: it only catches the impossible."""
+    c, h, w = IMAGE_SHAPE.get(args.dataset, (3, 32, 32))
+    params = encoder_params(args)
+    n = TRAIN_IMAGES.get(args.dataset, 50000)
+    batch = min(args.batch_size, args.train_size or n, n)     # a client smaller than a batch is one batch
+    if args.encoder == "resnet18":
+        act = 2 * batch * 64 * h * w * 20          # ~20 maps of the stem's size per image
+    else:
+        act = 2 * batch * getattr(args, "width", 32) * h * w * 4        # conv/norm/relu maps of the first block
+    need = {"networks": model_copies_bytes(args, params), "activations": 4 * act, **(extra or {})}
+    have = _device_memory(args.device)
+    if sum(need.values()) > have:
+        parts = ", ".join(f"{k} {v / 2 ** 30:.1f}" for k, v in need.items() if v)
+        fail(f"these sizes need at least {sum(need.values()) / 2 ** 30:.1f} GiB ({parts}) but the device has "
+             f"{have / 2 ** 30:.1f} GiB: lower --width, --batch-size, --clients or the queue sizes")
+
+
+@functools.lru_cache(maxsize=None)
 def _field_docs(cls) -> dict:
     """The docstring under each dataclass field, collected over the class and its bases."""
     docs = {}
@@ -164,9 +266,10 @@ class _Parser(argparse.ArgumentParser):
         fail(message)
 
 
-def parse_args(cls, argv=None):
+def parse_args(cls, argv=None, script: str | None = None):
     """Build argparse from the Args dataclass; apply --preset paper (cls.PAPER) and any boolean switch
-    with a preset (cls.SWITCH_PRESETS, e.g. {"quick": {...}}), then the flags actually given."""
+    with a preset (cls.SWITCH_PRESETS, e.g. {"quick": {...}}), then the flags actually given.
+    With --resume the flags come from the run folder's config.json (written by `script`)."""
     docs = _field_docs(cls)
     p = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
@@ -180,18 +283,59 @@ def parse_args(cls, argv=None):
             p.add_argument(flag, type=type(default), help=help_)
     given = vars(p.parse_args(argv))
     if given.get("resume"):
-        cfg = Path(given["resume"]) / "config.json"
-        if not cfg.is_file() or not (Path(given["resume"]) / "checkpoint.pt").is_file():
-            fail(f"--resume {given['resume']}: not a run folder (needs config.json and checkpoint.pt)")
-        saved = json.loads(cfg.read_text())["args"]
-        saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}}
-        return cls(**{**saved, "resume": given["resume"]})
+        args = cls(**{**_saved_args(cls, Path(given["resume"]), script), "resume": given["resume"]})
+        changed = {k: v for k, v in given.items() if k != "resume" and v != getattr(args, k)}
+        if set(changed) - RESUME_MAY_CHANGE:     # the rest would make the run a different run
+            fail(f"--resume continues a run with the flags in its config.json; drop "
+                 f"{' '.join('--' + k.replace('_', '-') for k in changed)} (or start a new run)")
+        for k, v in changed.items():
+            print(f"note: --resume with --{k.replace('_', '-')} {v} (the run used {getattr(args, k)})",
+                  file=sys.stderr)
+            setattr(args, k, v)
+        check_fields(args)
+        return args
     values = dict(cls.PAPER) if given.get("preset") == "paper" else {}
     for switch, preset in getattr(cls, "SWITCH_PRESETS", {}).items():   # e.g. compare.py's --quick
         if given.get(switch):
             values.update(preset)
     values.update(given)
-    return cls(**values)
+    args = cls(**values)
+    check_fields(args)
+    return args
+
+
+# Flags that may differ on --resume: where the run continues, not what it computes.
+RESUME_MAY_CHANGE = {"device", "out"}
+
+
+def _saved_args(cls, folder: Path, script: str | None) -> dict:
+    """The flags of the run in `folder`, refused in one line if the folder is not a run of `script`."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file() or not (folder / "checkpoint.pt").is_file():
+        empty = folder.is_dir() and not any(folder.glob("checkpoint.pt*"))
+        fail(f"--resume {folder}: not a run folder (needs config.json and checkpoint.pt)" +
+             ("; it stopped before its first checkpoint, so nothing can be resumed: delete it and start "
+              "a new run" if empty and cfg_path.is_file() else ""))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        saved = cfg["args"]
+        if not isinstance(saved, dict):
+            raise TypeError("args is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        fail(f"--resume {folder}: config.json is not a run configuration ({type(e).__name__}: {e})")
+    if script is not None and cfg.get("script") != script:
+        fail(f"--resume {folder}: that is a {cfg.get('script')!r} run; resume it with "
+             f"{cfg.get('script')}.py, not {script}.py")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    for k, v in saved.items():
+        if k in fields:
+            want = type(getattr(defaults, k))
+            ok = isinstance(v, want) and not (want is not bool and isinstance(v, bool)) or \
+                (want is float and isinstance(v, int) and not isinstance(v, bool))
+            if not ok:
+                fail(f"--resume {folder}: config.json gives {k} = {v!r}, not a {want.__name__}")
+    return {k: (float(v) if type(getattr(defaults, k)) is float else v) for k, v in saved.items() if k in fields}
 
 
 def _bool(s: str) -> bool:
@@ -266,11 +410,11 @@ CIFAR = {"cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", [f"data_ba
 
 
 def load_cifar(name: str, data_dir: Path):
-    """CIFAR-10/100 from the python-version pickles (extracted folder or the .tar.gz torchvision downloads)."""
+    """CIFAR-10/100 from the python-version pickles (extracted folder or the .tar.gz torchvision downloads).
+    A file that is truncated, not a pickle or of the wrong shape is refused in one line naming it."""
     folder, archive, train_files, test_file, key, classes = CIFAR[name]
     if not (data_dir / folder).is_dir() and (data_dir / archive).is_file():
-        with tarfile.open(data_dir / archive) as tar:
-            tar.extractall(data_dir, filter="data")
+        _extract(data_dir / archive, data_dir, folder)
     if not all((data_dir / folder / f).is_file() for f in train_files + [test_file]):
         fail(f"{name} not found: put {archive} (python version, from https://www.cs.toronto.edu/~kriz/cifar.html) "
              f"or its extracted folder {folder}/ into {data_dir}/")
@@ -278,15 +422,69 @@ def load_cifar(name: str, data_dir: Path):
     def read(files):
         xs, ys = [], []
         for f in files:
-            with open(data_dir / folder / f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[key], dtype=np.int64))
+            path = data_dir / folder / f
+            try:
+                with open(path, "rb") as fh:
+                    d = pickle.load(fh, encoding="bytes")
+            except Exception as e:               # unpickling garbage raises almost any type
+                fail(f"{path} is not a readable CIFAR batch, it is truncated or corrupt ({type(e).__name__}: {e})")
+            if not isinstance(d, dict) or b"data" not in d or key not in d:
+                fail(f"{path} is not a CIFAR python-version batch (needs the keys data and {key.decode()})")
+            try:
+                x, y = np.asarray(d[b"data"]), np.asarray(d[key])
+            except Exception as e:
+                fail(f"{path}: its data or labels are not arrays ({type(e).__name__}: {e})")
+            if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or x.dtype != np.uint8 or y.shape != (len(x),):
+                fail(f"{path}: expected {key.decode()} for every row of a uint8 N x 3072 data array, "
+                     f"got data {x.dtype} {tuple(x.shape)} and {len(y.reshape(-1))} labels")
+            if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= classes)):
+                fail(f"{path}: labels must be integers in 0..{classes - 1}")
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(y.astype(np.int64))
         return np.concatenate(xs), np.concatenate(ys)
 
     tx, ty = read(train_files)
     vx, vy = read([test_file])
+    if len(ty) < 2 or len(vy) < 1:
+        fail(f"{data_dir / folder} holds {len(ty)} training and {len(vy)} test images: too few to train")
     return tx, ty, vx, vy, classes
+
+
+def _extract(archive: Path, data_dir: Path, folder: str):
+    """Unpack the archive into a temporary folder first, so a broken one leaves no half folder behind."""
+    import shutil
+    import tempfile
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
+    except OSError as e:
+        fail(f"cannot unpack {archive}: {data_dir} is not writable ({e.strerror})")
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        if not (tmp / folder).is_dir():
+            fail(f"{archive} does not contain the folder {folder}/ (is it the python version?)")
+        os.replace(tmp / folder, data_dir / folder)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        fail(f"{archive} is not a readable .tar.gz, it is truncated or corrupt ({type(e).__name__}: {e})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_partition(args, cache: dict | None = None):
+    """Draw the partition of a run without starting it (compare.py checks every cell up front this way):
+    refuses what the run itself would refuse (too few images, an impossible partition, a client too small)."""
+    key = (args.dataset, args.data_dir, args.holdout, args.train_size, args.seed)
+    if cache is None or key not in cache:
+        data, _ = load_data(args, "cpu")
+        labels = data.train_y.numpy()
+        if cache is not None:
+            cache[key] = labels
+    labels = cache[key] if cache is not None else labels
+    parts = partition(labels, args, log=lambda m: None)
+    small = min(len(p) for p in parts)
+    if small < min(args.MIN_CLIENT_IMAGES, len(labels)):
+        fail(f"the partition gives a client {small} image(s) ({args.clients} clients, {len(labels)} images); "
+             f"a client needs {args.MIN_CLIENT_IMAGES} to take a training step")
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -314,6 +512,8 @@ def load_data(args: RunArgs, device) -> tuple[Data, np.ndarray]:
     else:
         tx, ty, vx, vy, k = load_cifar(args.dataset, data_dir)
     original = np.arange(len(ty))
+    if args.holdout >= len(ty):
+        fail(f"--holdout {args.holdout} leaves no training images ({args.dataset} has {len(ty)})")
     if args.holdout:        # a validation split carved out of the training set; the test set is not touched
         val = stratified_subset(ty, args.holdout, args.seed + 2)
         original = np.setdiff1d(original, val)
@@ -827,14 +1027,44 @@ def ari(y_true, y_pred) -> float:
 def start(cls, argv=None):
     """Parse the flags, pick the device, seed, load data, draw the partition, open the run folder.
     Returns (args, run). Bad input ends here with `error: ...` and exit 2."""
+    signal.signal(signal.SIGINT, _sigint_before_training)    # Ctrl-C while starting: exit 130, no traceback
+    script = Path(sys.argv[0]).stem if argv is None else cls.__module__
     try:
-        args = parse_args(cls, argv)
+        args = parse_args(cls, argv, script=script)
         args.check()
-        run = Run(args, script=Path(sys.argv[0]).stem if argv is None else cls.__module__)
+        run = Run(args, script=script)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(str(e))
     return args, run
+
+
+def refuse(msg: str, code: int = 2):
+    """One `error:` line on stderr and exit (2: bad input; 1: the run failed)."""
+    sys.stdout.flush()
+    msg = " / ".join(line.strip() for line in str(msg).splitlines() if line.strip())   # one line, always
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+_fresh_dir: Path | None = None      # the run folder this process created, until its first checkpoint
+
+
+def _remove_fresh_dir() -> str:
+    """Delete this process's run folder if no checkpoint was written yet; says what happened."""
+    global _fresh_dir
+    folder, _fresh_dir = _fresh_dir, None
+    if folder is not None and not (folder / "checkpoint.pt").exists():
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+        return f"; removed {folder}"
+    return ""
+
+
+def _sigint_before_training(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # a second Ctrl-C must not interrupt the clean-up
+    print(f"\ninterrupted before the first checkpoint: nothing was saved{_remove_fresh_dir()}",
+          file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def _pick_device(name: str) -> torch.device:
@@ -892,16 +1122,25 @@ class Run:
         self.data, self.train_ids = load_data(args, self.device)
         labels = self.data.train_y.cpu().numpy()
         self.parts = partition(labels, args, log=lambda m: print(m, file=sys.stderr))
-        if min(len(p) for p in self.parts) == 0:
-            fail(f"the partition left a client with no images ({args.clients} clients, {len(labels)} images)")
+        small = min(range(len(self.parts)), key=lambda i: len(self.parts[i]))
+        if len(self.parts[small]) < min(args.MIN_CLIENT_IMAGES, len(labels)):
+            fail(f"the partition gives client {small} {len(self.parts[small])} image(s) ({args.clients} clients, "
+                 f"{len(labels)} images); a client needs {args.MIN_CLIENT_IMAGES} to take a training step")
         self.counts = class_counts(labels, self.parts, self.data.num_classes)
         self.clients = [torch.as_tensor(p, device=self.device) for p in self.parts]
         self.sizes = torch.tensor([len(p) for p in self.parts], dtype=torch.float64)
         self.augment = Augment(self.data, args.crop_min)
         self.start_round, self.history, self.elapsed0 = 1, [], 0.0
         self.images_total, self.train_s_total = 0, 0.0
+        self._ckpt = self._read_checkpoint() if args.resume else None
+        self.incomplete: list[str] = []       # reasons the summary cannot be called complete
         if not args.resume:
-            self.dir = self._new_dir()
+            global _fresh_dir
+            try:
+                self.dir = self._new_dir()
+            except OSError as e:
+                fail(f"cannot create a run folder in {args.out} ({e.strerror})")
+            _fresh_dir = self.dir
             self.lock = FolderLock(self.dir, f"{script}.py")
             self._write_config()
             self._write_partition()
@@ -989,14 +1228,28 @@ class Run:
         for rnd in range(self.start_round, self.args.rounds + 1):
             self._t_round, self._eval_s = time.time(), 0.0
             yield rnd
+        signal.signal(signal.SIGINT, self._on_sigint_final)      # the final evaluation starts now
 
     def _on_sigint(self, signum, frame):
         if self._interrupted:    # second Ctrl-C: stop now, the last checkpoint stays
-            print(f"\ninterrupted; resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
+            if not (self.dir / "checkpoint.pt").exists():
+                print(f"\ninterrupted before the first checkpoint: nothing was saved{_remove_fresh_dir()}",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"\ninterrupted; resume with: python {self.script}.py --resume {self.dir}",
+                      file=sys.stderr, flush=True)
             self.lock.release()          # os._exit skips atexit
             os._exit(130)
         self._interrupted = True
         print("\nCtrl-C: stopping after this round (press again to stop now)", file=sys.stderr, flush=True)
+
+    def _on_sigint_final(self, signum, frame):
+        """Ctrl-C during the final evaluation: every round is in the checkpoint, so stop now;
+        --resume skips the rounds and runs the evaluation again."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"\ninterrupted during the final evaluation (all {self.args.rounds} rounds are saved); finish it "
+              f"with: python {self.script}.py --resume {self.dir}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
     def is_eval_round(self, rnd: int) -> bool:
         """Every --eval-every rounds, and the first and the last round (so every curve has a start and an end)."""
@@ -1008,6 +1261,11 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.time() - self._t_round - self._eval_s
+        if not math.isfinite(_num(loss)):      # one .item() per round; the loss never recovers from nan/inf
+            kept = ("the checkpoint of the last good round is kept" if (self.dir / "checkpoint.pt").exists()
+                    else "nothing was saved" + _remove_fresh_dir())
+            refuse(f"the training loss became {_num(loss)} in round {rnd}: training diverged; try a smaller --lr "
+                   f"(now {self.args.lr}); {kept}; no summary was written", code=1)
         row = {"round": rnd, "loss": _num(loss), "images": int(images),
                "images_per_s": images / max(train_s, 1e-9)}
         if encoder is not None and self.is_eval_round(rnd):
@@ -1019,7 +1277,7 @@ class Run:
         row["elapsed_s"] = self.elapsed0 + time.time() - self._t0
         self.history.append(row)
         with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(_dumps(row) + "\n")
         eta = (row["elapsed_s"] - self.elapsed0) / (rnd - self.start_round + 1) * (self.args.rounds - rnd)
         knn = f"  kNN {row['knn_acc']:.4f}" if "knn_acc" in row else ""
         print(f"round {rnd}/{self.args.rounds}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s  "
@@ -1113,18 +1371,29 @@ class Run:
         """Final evaluation, the random-encoder row, encoder.pt (the trained `encoder`, or the list
         `encoders` of a run with one per client / cluster), curves.png, features.png, and summary.json
         (written last). `results` (instead of an encoder): a dict with every key of evaluate(), e.g. a
-        mean over clients."""
+        mean over clients.
+        The summary is complete only if something trained and every headline metric
+        is a number; otherwise it says why in `incomplete`, and the process ends with exit status 1."""
+        signal.signal(signal.SIGINT, self._on_sigint_final)
         results = {k: _num(v) for k, v in results.items()} if results is not None else self.evaluate(encoder)
         if missing := [k for k in EVAL_KEYS if k not in results]:      # a method's own results= dict; keep its run
             print(f"warning: run.finish(results=...) lacks {', '.join(missing)}: average every key of "
                   "run.evaluate(), or compare.py leaves these cells empty", file=sys.stderr)
         rand = self.evaluate(self.random_encoder())
+        if self.images_total == 0:
+            self.incomplete.append("no client took a training step in any round (nothing was trained)")
+        bad = [k for d in (results, rand) for k, v in d.items()
+               if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            self.incomplete.append(f"metric(s) {', '.join(sorted(set(bad)))} could not be computed")
         gain = {k: results[k] - rand[k] for k in EVAL_KEYS if k in results}   # what training added (same seed, network)
         summary = {**results, "random_encoder": rand, "gain": gain,
                    "images_per_s": self.images_total / max(self.train_s_total, 1e-9),
                    "wall_s": self.elapsed0 + time.time() - self._t0, "rounds": self.args.rounds,
                    **{k: _num(v) if not isinstance(v, (dict, list, str)) else v for k, v in extra.items()},
-                   "complete": True}
+                   "complete": not self.incomplete}
+        if self.incomplete:
+            summary["incomplete"] = "; ".join(self.incomplete)
         trained = [encoder] if encoder is not None else list(encoders or [])
         self.save_encoders(trained, encoders_per)
         plot_curves(self.history, self.dir / "curves.png", self.title(), baseline=rand["knn_acc"])
@@ -1134,6 +1403,9 @@ class Run:
         for line in final_report(results, rand):
             print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
         print(f"run folder: {self.dir}", flush=True)
+        if self.incomplete:
+            refuse(f"the run is not complete: {summary['incomplete']}", code=1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return summary
 
     def save_encoders(self, encoders: list, per: str = "client"):
@@ -1180,25 +1452,52 @@ class Run:
                         "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
                 "state": {k: _state_of(v) for k, v in self._state.items()}}
         tmp = self.dir / "checkpoint.pt.tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.dir / "checkpoint.pt")
+        try:
+            torch.save(ckpt, tmp)
+            os.replace(tmp, self.dir / "checkpoint.pt")
+        except (OSError, RuntimeError) as e:     # e.g. a full disk: the previous checkpoint stays usable
+            tmp.unlink(missing_ok=True)
+            print(f"warning: could not save the checkpoint of round {rnd} ({e}); the previous one is kept",
+                  file=sys.stderr, flush=True)
+            return
+        global _fresh_dir
+        _fresh_dir = None                        # from now on the folder can be resumed: never delete it
+
+    def _read_checkpoint(self) -> dict:
+        """Load RUN_DIR/checkpoint.pt for --resume, refusing in one line if it is not a whole checkpoint."""
+        path = self.dir / "checkpoint.pt"
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+            missing = {"round", "history", "images_total", "train_s_total", "elapsed_s", "rng", "state"} - set(ckpt)
+        except Exception as e:                   # torch.load raises many types on truncated or foreign files
+            fail(f"--resume: {path} cannot be read, it is truncated or not a checkpoint "
+                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        if missing:
+            fail(f"--resume: {path} is not a checkpoint of this code (missing {', '.join(sorted(missing))})")
+        return ckpt
 
     def _restore(self, state: dict):
-        ckpt = torch.load(self.dir / "checkpoint.pt", map_location=self.device, weights_only=False)
+        ckpt, self._ckpt = self._ckpt, None
         if (self.dir / "summary.json").exists():
             print(f"note: {self.dir} already holds a complete run; re-running its final evaluation", file=sys.stderr)
-        for k, v in state.items():
-            _load_into(v, ckpt["state"][k])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        if ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        try:
+            if set(ckpt["state"]) != set(state):
+                raise KeyError(f"it holds {sorted(ckpt['state'])}, this script needs {sorted(state)}")
+            for k, v in state.items():
+                _load_into(v, ckpt["state"][k])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            if ckpt["rng"]["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            refuse(f"--resume: {self.dir / 'checkpoint.pt'} does not fit the network that config.json describes "
+                   f"({type(e).__name__}: {str(e).splitlines()[0][:300]})")
         self.start_round = ckpt["round"] + 1
         self.history = ckpt["history"]
         self.images_total, self.train_s_total = ckpt["images_total"], ckpt["train_s_total"]
         self.elapsed0 = ckpt["elapsed_s"]
         with open(self.dir / "metrics.jsonl", "w") as f:        # drop lines of rounds after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
+            f.writelines(_dumps(r) + "\n" for r in self.history)
 
 
 _ROUND_KEYS = {"round", "loss", "images", "images_per_s", "elapsed_s", "knn_acc"}   # the round line itself
@@ -1309,9 +1608,24 @@ def _num(v):
     return float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) else v
 
 
+def _finite_or_none(obj):
+    """nan/inf become null: bare NaN and Infinity are not JSON, and strict readers reject them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def _dumps(obj, **kw) -> str:
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
+
+
 def _write_json(path: Path, obj):
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(_dumps(obj, indent=1))
     os.replace(tmp, path)
 
 

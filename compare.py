@@ -187,10 +187,13 @@ class Args:
             common.fail(f"--seeds must be comma-separated integers (got {self.seeds!r})")
         if not seeds or len(set(seeds)) != len(seeds):
             common.fail(f"--seeds must name at least one seed, each once (got {self.seeds!r})")
-        for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "classes_per_client"):
+        if not all(0 <= s < 2 ** 32 for s in seeds):
+            common.fail(f"--seeds must be in [0, 2**32) (got {self.seeds!r})")
+        for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "classes_per_client",
+                     "probe_epochs"):
             if getattr(self, name) < 1:
                 common.fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        for name in ("train_size", "test_size", "probe_epochs", "jobs"):
+        for name in ("train_size", "test_size", "jobs"):
             if getattr(self, name) < 0:
                 common.fail(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.alpha <= 0:
@@ -273,6 +276,21 @@ def make_cells(args: Args, runs: Path) -> list:
                 tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]   # another budget = another cell
                 cells.append(Cell(key, part, seed, flags, runs / key / f"{part}-s{seed}-{tag}"))
     return cells
+
+
+def check_cells(cells: list):
+    """Every cell's flags go through its script's own parse_args and check() before anything starts,
+    so a value one script refuses stops the whole table up front instead of failing cell by cell."""
+    import importlib
+    labels = {}
+    for cell in cells:
+        mod = importlib.import_module(Path(cell.flags[0]).stem)
+        try:
+            args = common.parse_args(mod.Args, cell.flags[1:], script=None)
+            args.check()
+            common.check_partition(args, labels)
+        except common.UserError as e:
+            common.fail(f"{cell.name} ({cell.flags[0]}): {e}")
 
 
 def run_cell(cell: Cell, env: dict) -> tuple:
@@ -687,20 +705,20 @@ def main(argv=None):
             import torch
             if not torch.cuda.is_available():
                 common.fail("--device cuda was asked for but no CUDA GPU is visible to torch")
+        out = Path(args.out).resolve() if args.out else default_out(args)    # the runs start from the repository root
+        common.check_out(str(out))
+        cells = make_cells(args, out / "runs")
+        check_cells(cells)
     except common.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        common.refuse(str(e))
     device = device_name(args.device)
     jobs = args.jobs or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device.startswith("GPU") else 1)
-    out = Path(args.out).resolve() if args.out else default_out(args)    # the runs start from the repository root
     out.mkdir(parents=True, exist_ok=True)
     try:
         common.FolderLock(out, "compare.py")      # a second compare.py on the same --out (same cells) is refused
     except common.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        common.refuse(str(e))
     print(f"output folder: {out}", flush=True)
-    cells = make_cells(args, out / "runs")
     failed = run_all(cells, jobs)
     results = [r for r in map(read_cell, cells) if r is not None]
     missing = [c for c in cells if c.run_folder() is None and c not in failed]

@@ -127,6 +127,20 @@ class Args(common.RunArgs):
             common.fail(f"--ema must be in [0, 1) (got {self.ema})")
         if self.featarc and self.proj_dim:
             common.fail("--featarc aligns projector outputs with backbone features: leave --proj-dim at 0")
+        if self.ssl == "moco" and self.queue_size < 1:   # no negatives: InfoNCE is 0 whatever the network does
+            common.fail("--ssl moco needs negatives: --queue-size must be at least 1")
+        if self.featarc and self.clusters > self.clients:   # client k starts in cluster k mod C
+            common.fail(f"--clusters {self.clusters} with {self.clients} clients: clusters {self.clients}.."
+                        f"{self.clusters - 1} would start with no client and never train; use --clusters <= --clients")
+
+    def memory_extra(self) -> dict:
+        d = common.encoder_dim(self)
+        out, hid = self.proj_dim or d, self.hidden_dim
+        head = d * hid + 2 * hid * hid + hid * out + out * hid + hid * out
+        clusters, local = (self.clusters, self.clients) if self.featarc else (1, 0)
+        return {"heads": common.model_copies_bytes(self, head) * (2 if self.ssl in ("byol", "moco") else 1),
+                "cluster models": 4 * clusters * (head + common.encoder_params(self)),
+                "local backbones": 4 * local * common.encoder_params(self), "queue": 4 * self.queue_size * out}
 
 
 # --- the objectives: z = g(f(x)) projector outputs, p = h(z) predictor outputs, t = target outputs -------
@@ -315,6 +329,10 @@ def main():
         run.log(rnd, loss=torch.stack(losses).mean(), images=images,
                 encoder=None if args.featarc else clusters[0].encoder, **extra)
 
+    if args.featarc:        # a cluster model no client ever trained is still its random initialisation
+        used = {a for r in run.history for a in r.get("assign", [])}
+        run.incomplete += [f"cluster {j} was never trained (no client was assigned to it)"
+                           for j in range(C) if j not in used]
     final = [reestimate_bn(m.encoder, run) if args.bn_reestimate else m.encoder for m in clusters]
     if not args.featarc:
         run.finish(final[0], ssl=args.ssl)

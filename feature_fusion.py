@@ -102,6 +102,12 @@ class Args(common.RunArgs):
             common.fail(f"--remote-features and --remote-bank must be >= 0 "
                         f"(got {self.remote_features}, {self.remote_bank})")
 
+    def memory_extra(self) -> dict:
+        d, k = common.encoder_dim(self), self.proj_dim
+        return {"heads": common.model_copies_bytes(self, d * d + d * k),      # queues and uploads: one per client
+                "queues": 4 * self.clients * (self.queue_size + self.remote_features) * (k + 2) * 2,
+                "remote bank": 4 * (self.remote_bank or self.clients * self.remote_features) * k}
+
 
 class MoCo(nn.Module):
     """Encoder f and projection head g: z = g(f(x)); the momentum encoder is a copy of this."""

@@ -122,6 +122,12 @@ class Args(common.RunArgs):
             common.fail(f"--momentum must be in [0, 1) (got {self.momentum})")
         if self.sweep_seeds < 1:
             common.fail(f"--sweep-seeds must be at least 1 (got {self.sweep_seeds})")
+        if self.proj_dim < 1:
+            common.fail(f"--proj-dim must be at least 1 (got {self.proj_dim})")
+
+    def memory_extra(self) -> dict:
+        d, k = common.encoder_dim(self), self.proj_dim
+        return {"heads": common.model_copies_bytes(self, 2 * (d * d + d * k) + k * 100)}
 
     @property
     def stage1_rounds(self) -> int:

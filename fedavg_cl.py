@@ -63,6 +63,12 @@ class Args(common.RunArgs):
         super().check()
         if self.tau <= 0:
             common.fail(f"--tau must be > 0 (got {self.tau})")
+        if self.proj_dim < 1:
+            common.fail(f"--proj-dim must be at least 1 (got {self.proj_dim})")
+
+    def memory_extra(self) -> dict:
+        d = common.encoder_dim(self)
+        return {"heads": common.model_copies_bytes(self, d * d + d * self.proj_dim)}
 
 
 class SimCLR(nn.Module):

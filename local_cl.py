@@ -50,6 +50,12 @@ class Args(common.RunArgs):
             common.fail(f"--tau must be > 0 (got {self.tau})")
         if self.participation < 1:
             common.fail("--participation: local training has no server to sample clients; use 1.0")
+        if self.proj_dim < 1:
+            common.fail(f"--proj-dim must be at least 1 (got {self.proj_dim})")
+
+    def memory_extra(self) -> dict:
+        d = common.encoder_dim(self)
+        return {"heads": common.model_copies_bytes(self, d * d + d * self.proj_dim)}
 
 
 class SimCLR(nn.Module):

@@ -153,6 +153,10 @@ class Args(common.RunArgs):
             self.rounds = self.rounds or max(1, round(self.passes / self.participation))
         super().check()
 
+    def memory_extra(self) -> dict:
+        k = self.proj_dim
+        return {"queue": 4 * self.queue_size * k, "heads": 4 * 4 * (512 * k + k * k)}
+
 
 def split_network(args: Args, channels: int):
     """(client part, server trunk): the backbone cut after args.cut_layer units; trunk ends in a vector."""
