@@ -70,6 +70,8 @@ class Args(common.RunArgs):
         super().check()
         if self.tau <= 0:
             common.fail(f"--tau must be > 0 (got {self.tau})")
+        if self.proj_dim < 1:
+            common.fail(f"--proj-dim must be at least 1 (got {self.proj_dim})")
         if self.topology not in TOPOLOGIES:
             common.fail(f"--topology must be one of {', '.join(TOPOLOGIES)} (got {self.topology!r})")
         if self.gossip_steps < 1:
