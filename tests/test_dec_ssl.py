@@ -309,9 +309,13 @@ def test_featarc_round_loop_uses_the_rule_trains_from_and_aligns_to_the_assigned
 
     monkeypatch.setattr(dec_ssl, "assign_cluster", rule)
     monkeypatch.setattr(dec_ssl, "local_update", update)
-    folder = run_in_process(dec_ssl, *SMALL, "--clients", "2", "--partition", "iid", "--featarc", "true",
-                            "--clusters", "2", "--hidden-dim", "16", out=tmp_path / "runs", monkeypatch=monkeypatch)
-    _, metrics, _ = read_run(folder)
+    with pytest.raises(SystemExit) as stop:     # cluster 0 never trained: the run ends incomplete, exit 1
+        run_in_process(dec_ssl, *SMALL, "--clients", "2", "--partition", "iid", "--featarc", "true",
+                       "--clusters", "2", "--hidden-dim", "16", out=tmp_path / "runs", monkeypatch=monkeypatch)
+    assert stop.value.code == 1
+    folder = sorted((tmp_path / "runs").glob("*/"))[-1]
+    assert "cluster 0 was never trained" in json.loads((folder / "summary.json").read_text())["incomplete"]
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [m["assign"] for m in metrics] == [[1, 1], [1, 1]]
     assert len(seen) == 4 and len(trained) == 2
     for c in (0, 1):                    # calls: round 1 client 0, client 1, round 2 client 0, client 1
