@@ -250,7 +250,8 @@ def main():
         gossip(w, clients.x, clients.counts, args.gossip_steps)   # no server: neighbours average
         evals = {}
         if run.is_eval_round(rnd):
-            evals["knn_acc"] = np.mean([run.knn(clients.load(c).encoder) for c in range(args.clients)])
+            monitor = [run.monitor(clients.load(c).encoder) for c in range(args.clients)]
+            evals = {k: np.mean([m[k] for m in monitor]) for k in monitor[0]}   # all labels and 1 %
             evals["knn_acc_consensus"] = run.knn(clients.load_average().encoder)
         run.log(rnd, loss=torch.stack(losses).mean(), images=images, consensus_dist_local=drift,
                 consensus_dist=consensus_distance(clients.x), bytes_sent_per_client=sent, **evals)
