@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import common
 from conftest import ROOT
@@ -282,6 +283,14 @@ def test_a_metric_that_could_not_be_computed_leaves_the_summary_incomplete(tmp_p
     text = next(tmp_path.glob("*/summary.json")).read_text()
     s = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert s["complete"] is False and s["linear_acc"] is None and "linear_acc" in s["incomplete"]
+
+
+def test_a_run_in_which_no_client_trained_is_not_complete(tmp_path, monkeypatch):
+    import fedavg_cl                             # every client returns without a step: images_total stays 0
+    monkeypatch.setattr(fedavg_cl, "local_update", lambda model, run, idx, args: (torch.zeros(()), 0))
+    res = call("fedavg_cl.py", *SMALL, out=tmp_path)
+    refused(res, tmp_path, "no client took a training step in any round (nothing was trained)", code=1)
+    assert json.loads(next(tmp_path.glob("*/summary.json")).read_text())["complete"] is False
 
 
 def test_a_cluster_model_no_client_trained_leaves_the_summary_incomplete(tmp_path):

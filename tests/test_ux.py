@@ -100,6 +100,20 @@ def test_final_report_gives_the_gain_and_warns_when_training_did_not_help():
     assert not any(l.startswith("warning:") for l in no_probe)
 
 
+@pytest.mark.parametrize("script", ["fedavg_cl.py", "gossip_cl.py"])   # gossip_cl logs numbers every round
+def test_diagnostics_are_printed_under_evaluation_rounds_only(script, tmp_path):
+    # --rounds 3 --eval-every 5: rounds 1 and 3 are evaluation rounds, round 2 is not
+    proc, _ = run_script(script, *TINY, "--rounds", "3", "--eval-every", "5", out=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    after = {int(l.split()[1].split("/")[0]): out[i + 1] if i + 1 < len(out) else ""
+             for i, l in enumerate(out) if l.startswith("round ")}
+    assert sorted(after) == [1, 2, 3]
+    for rnd in (1, 3):                   # the evaluation's and the method's own numbers, indented under the round
+        assert after[rnd].startswith("  ") and "knn_acc_1pct" in after[rnd], out
+    assert not after[2].startswith("  "), out
+
+
 def test_format_metrics_is_short():
     line = common.format_metrics({"fn_ratio_local": 0.498765, "model_bytes_up": 123456.0, "assign": [0, 1, -1] * 5,
                                   "lr": 1e-3})
