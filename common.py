@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import distributed
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -118,6 +120,8 @@ class RunArgs:
     PAPER: ClassVar[dict] = {}
 
     MIN_CLIENT_IMAGES: ClassVar[int] = 2      # a training step needs 2 images (BatchNorm, contrastive pairs)
+
+    TORCHRUN: ClassVar[bool] = False          # True in a method whose round loop runs under torchrun (see distributed.py)
 
     def check(self):
         """Refuse settings that cannot run; method Args extend this and call super().check()."""
@@ -1069,8 +1073,16 @@ def _sigint_before_training(signum, frame):
 
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.launched():        # torchrun: one GPU per process of a machine
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
+
+
+def client_seed(seed: int, rnd: int, client: int) -> int:
+    """The seed of client `client`'s random stream in round `rnd`: a hash of the three, so that streams
+    of neighbouring (round, client) pairs are unrelated."""
+    return int(np.random.SeedSequence([seed, rnd, client]).generate_state(1, np.uint64)[0])
 
 
 class FolderLock:
@@ -1114,9 +1126,17 @@ class Run:
 
     def __init__(self, args: RunArgs, script: str):
         self.args, self.script = args, script
-        if args.resume:       # a second --resume of a folder in use is refused before any work
-            self.dir, self.lock = Path(args.resume), FolderLock(Path(args.resume), f"{script}.py")
+        if distributed.launched() and not type(args).TORCHRUN:
+            fail(f"{script}.py is not distributed yet (its docstring says why); run it as one process: "
+                 f"python {script}.py ...")
         self.device = _pick_device(args.device)
+        self.world = distributed.World(self.device)     # one process, or this process's place under torchrun
+        self.main = self.world.rank == 0                # the process that writes the run folder and prints
+        self.lock = None
+        if args.resume:       # a second --resume of a folder in use is refused before any work
+            self.dir = Path(args.resume)
+            if self.main:
+                self.lock = FolderLock(self.dir, f"{script}.py")
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         self.data, self.train_ids = load_data(args, self.device)
@@ -1132,9 +1152,9 @@ class Run:
         self.augment = Augment(self.data, args.crop_min)
         self.start_round, self.history, self.elapsed0 = 1, [], 0.0
         self.images_total, self.train_s_total = 0, 0.0
-        self._ckpt = self._read_checkpoint() if args.resume else None
+        self._ckpt = self.world.broadcast(self._read_checkpoint() if args.resume and self.main else None)
         self.incomplete: list[str] = []       # reasons the summary cannot be called complete
-        if not args.resume:
+        if not args.resume and self.main:
             global _fresh_dir
             try:
                 self.dir = self._new_dir()
@@ -1144,13 +1164,22 @@ class Run:
             self.lock = FolderLock(self.dir, f"{script}.py")
             self._write_config()
             self._write_partition()
+        self.dir = self.world.broadcast(self.dir if self.main else None)
+        self.round, self._client_rng = 0, {}
+        self.upload_bytes = 0                  # bytes of the uploads exchanged by gather() this round
         self._interrupted = False
         self._t0 = self._t_round = time.time()
         self._eval_s = 0.0
         self._state = None
-        print(f"{script}: {args.dataset} ({len(labels)} train / {len(self.data.test_y)} test images), "
-              f"{args.clients} clients, partition {args.partition}, device {self.device}; "
-              f"run folder {self.dir}", flush=True)
+        procs = f", {self.world.size} processes (torchrun)" if self.world.size > 1 else ""
+        self.say(f"{script}: {args.dataset} ({len(labels)} train / {len(self.data.test_y)} test images), "
+                 f"{args.clients} clients, partition {args.partition}, device {self.device}{procs}; "
+                 f"run folder {self.dir}")
+
+    def say(self, msg: str, err: bool = False):
+        """Print once per run: on the main process only (under torchrun every process runs this code)."""
+        if self.main:
+            print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
     # --- run folder -------------------------------------------------------------------------
     def _new_dir(self) -> Path:
@@ -1209,12 +1238,48 @@ class Run:
         return self.augment(x), self.augment(x)
 
     def sample_clients(self) -> list[int]:
-        """max(1, round(participation * clients)) distinct clients, sorted by id."""
+        """max(1, round(participation * clients)) distinct clients, sorted by id; drawn from the round's own
+        seed, so every process (torchrun) and a resumed run draw the same ones."""
         n = self.args.clients
         m = max(1, int(round(self.args.participation * n)))
         if m == n:
             return list(range(n))
-        return sorted(torch.randperm(n)[:m].tolist())
+        gen = torch.Generator().manual_seed(client_seed(self.args.seed, self.round, n))   # n: no client's id
+        return sorted(torch.randperm(n, generator=gen)[:m].tolist())
+
+    def my_clients(self, clients) -> list:
+        """The clients of `clients` this process trains: all of them in one process, a share under torchrun."""
+        return self.world.mine(list(clients))
+
+    @contextlib.contextmanager
+    def client(self, c: int):
+        """Client c's own random stream: inside `with run.client(c):` every torch draw (batch order,
+        augmentation, dropout) comes from a stream seeded by (seed, round, c) that continues where c's last
+        block of this round stopped. So a client's randomness does not depend on which clients ran before
+        it, or in which process; the stream outside (initialisation, server draws) is not moved."""
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            saved = self._client_rng.get((self.round, c))
+            if saved is None:
+                torch.manual_seed(client_seed(self.args.seed, self.round, c))
+            else:
+                torch.set_rng_state(saved[0])
+                if cuda:
+                    torch.cuda.set_rng_state(saved[1], self.device)
+            try:
+                yield
+            finally:
+                self._client_rng[(self.round, c)] = (torch.get_rng_state(),
+                                                     torch.cuda.get_rng_state(self.device) if cuda else None)
+
+    def gather(self, *uploads: dict):
+        """Each argument: {client: what it sends} for this process's clients -> the same for every client of
+        the round, in client order (torchrun: one all-gather; one process: as given). The bytes of the
+        tensors exchanged are counted in the round's `upload_bytes`."""
+        merged = self.world.gather({c: tuple(u[c] for u in uploads) for c in uploads[0]})
+        self.upload_bytes += sum(distributed.payload_bytes(v) for v in merged.values())
+        out = tuple({c: v[i] for c, v in merged.items()} for i in range(len(uploads)))
+        return out if len(out) > 1 else out[0]
 
     def rounds(self, state: dict):
         """Yield round numbers 1..R; on --resume first restore `state` (modules, optimizers, tensors
@@ -1222,11 +1287,12 @@ class Run:
         self._state = state
         if self.args.resume:
             self._restore(state)
-            print(f"resumed from {self.dir / 'checkpoint.pt'} after round {self.start_round - 1}", flush=True)
+            self.say(f"resumed from {self.dir / 'checkpoint.pt'} after round {self.start_round - 1}")
         signal.signal(signal.SIGINT, self._on_sigint)
         self._t0 = time.time()
         for rnd in range(self.start_round, self.args.rounds + 1):
             self._t_round, self._eval_s = time.time(), 0.0
+            self.round, self._client_rng, self.upload_bytes = rnd, {}, 0
             yield rnd
         signal.signal(signal.SIGINT, self._on_sigint_final)      # the final evaluation starts now
 
@@ -1238,10 +1304,11 @@ class Run:
             else:
                 print(f"\ninterrupted; resume with: python {self.script}.py --resume {self.dir}",
                       file=sys.stderr, flush=True)
-            self.lock.release()          # os._exit skips atexit
+            if self.lock is not None:
+                self.lock.release()      # os._exit skips atexit
             os._exit(130)
         self._interrupted = True
-        print("\nCtrl-C: stopping after this round (press again to stop now)", file=sys.stderr, flush=True)
+        self.say("\nCtrl-C: stopping after this round (press again to stop now)", err=True)
 
     def _on_sigint_final(self, signum, frame):
         """Ctrl-C during the final evaluation: every round is in the checkpoint, so stop now;
@@ -1268,27 +1335,31 @@ class Run:
                    f"(now {self.args.lr}); {kept}; no summary was written", code=1)
         row = {"round": rnd, "loss": _num(loss), "images": int(images),
                "images_per_s": images / max(train_s, 1e-9)}
-        if encoder is not None and self.is_eval_round(rnd):
+        if encoder is not None and self.is_eval_round(rnd) and self.main:   # the same model on every process
             row.update(self.monitor(encoder))
             row.update(self.geometry(encoder))
+        if self.upload_bytes:          # what run.gather exchanged: under torchrun, what crossed between processes
+            row["upload_bytes"] = self.upload_bytes
         row.update({k: _num(v) for k, v in extra.items()})
         self.images_total += int(images)
         self.train_s_total += train_s
         row["elapsed_s"] = self.elapsed0 + time.time() - self._t0
         self.history.append(row)
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(_dumps(row) + "\n")
+        if self.main:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(_dumps(row) + "\n")
         eta = (row["elapsed_s"] - self.elapsed0) / (rnd - self.start_round + 1) * (self.args.rounds - rnd)
         knn = f"  kNN {row['knn_acc']:.4f}" if "knn_acc" in row else ""
-        print(f"round {rnd}/{self.args.rounds}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s  "
-              f"elapsed {row['elapsed_s']:.0f}s  ETA {eta:.0f}s{knn}", flush=True)
+        self.say(f"round {rnd}/{self.args.rounds}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s  "
+                 f"elapsed {row['elapsed_s']:.0f}s  ETA {eta:.0f}s{knn}")
         diagnostics = {k: v for k, v in row.items() if k not in _ROUND_KEYS}
         if self.is_eval_round(rnd) and diagnostics:      # the method's own numbers, alignment, uniformity
-            print("  " + format_metrics(diagnostics), flush=True)
+            self.say("  " + format_metrics(diagnostics))
+        self._interrupted = self.world.any(self._interrupted)    # torchrun: all stop after the same round
         self._save(rnd)
         if self._interrupted:
-            print(f"interrupted after round {rnd}; resume with: python {self.script}.py --resume {self.dir}",
-                  file=sys.stderr, flush=True)
+            self.say(f"interrupted after round {rnd}; resume with: python {self.script}.py --resume {self.dir}",
+                     err=True)
             sys.exit(130)
 
     def timed_eval(self, fn, *a, **kw):
@@ -1373,8 +1444,16 @@ class Run:
         (written last). `results` (instead of an encoder): a dict with every key of evaluate(), e.g. a
         mean over clients.
         The summary is complete only if something trained and every headline metric
-        is a number; otherwise it says why in `incomplete`, and the process ends with exit status 1."""
+        is a number; otherwise it says why in `incomplete`, and the process ends with exit status 1.
+        Under torchrun the main process does all of this; the others return None."""
         signal.signal(signal.SIGINT, self._on_sigint_final)
+        if self.world.size > 1 and encoders is not None and len(encoders) == self.args.clients:
+            parts = self.world.collect([e.state_dict() for e in encoders])   # client c's encoder lives on c % N
+            for c, e in enumerate(encoders if self.main else []):
+                e.load_state_dict(parts[c % self.world.size][c])
+        self.world.close()             # no collective after this
+        if not self.main:
+            return None
         results = {k: _num(v) for k, v in results.items()} if results is not None else self.evaluate(encoder)
         if missing := [k for k in EVAL_KEYS if k not in results]:      # a method's own results= dict; keep its run
             print(f"warning: run.finish(results=...) lacks {', '.join(missing)}: average every key of "
@@ -1446,11 +1525,19 @@ class Run:
 
     # --- checkpoint ---------------------------------------------------------------------------
     def _save(self, rnd: int):
+        state = {k: _state_of(v) for k, v in self._state.items()}
+        if self.world.size > 1:        # per-client lists (local models): entry c lives on process c % N
+            shared = {k for k, v in state.items() if isinstance(v, list) and len(v) == self.args.clients}
+            parts = self.world.collect({k: state[k] for k in shared})
+            if not self.main:
+                return
+            for k in shared:
+                state[k] = [parts[c % self.world.size][k][c] for c in range(self.args.clients)]
         ckpt = {"round": rnd, "history": self.history, "images_total": self.images_total,
                 "train_s_total": self.train_s_total, "elapsed_s": self.history[-1]["elapsed_s"],
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
-                "state": {k: _state_of(v) for k, v in self._state.items()}}
+                "state": state}
         tmp = self.dir / "checkpoint.pt.tmp"
         try:
             torch.save(ckpt, tmp)
@@ -1479,7 +1566,7 @@ class Run:
     def _restore(self, state: dict):
         ckpt, self._ckpt = self._ckpt, None
         if (self.dir / "summary.json").exists():
-            print(f"note: {self.dir} already holds a complete run; re-running its final evaluation", file=sys.stderr)
+            self.say(f"note: {self.dir} already holds a complete run; re-running its final evaluation", err=True)
         try:
             if set(ckpt["state"]) != set(state):
                 raise KeyError(f"it holds {sorted(ckpt['state'])}, this script needs {sorted(state)}")
@@ -1496,8 +1583,9 @@ class Run:
         self.history = ckpt["history"]
         self.images_total, self.train_s_total = ckpt["images_total"], ckpt["train_s_total"]
         self.elapsed0 = ckpt["elapsed_s"]
-        with open(self.dir / "metrics.jsonl", "w") as f:        # drop lines of rounds after the checkpoint
-            f.writelines(_dumps(r) + "\n" for r in self.history)
+        if self.main:
+            with open(self.dir / "metrics.jsonl", "w") as f:    # drop lines of rounds after the checkpoint
+                f.writelines(_dumps(r) + "\n" for r in self.history)
 
 
 _ROUND_KEYS = {"round", "loss", "images", "images_per_s", "elapsed_s", "knn_acc"}   # the round line itself

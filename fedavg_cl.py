@@ -37,6 +37,7 @@ import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -58,6 +59,7 @@ class Args(common.RunArgs):
                                  classes_per_client=2, rounds=100, local_epochs=5, batch_size=128,
                                  optimizer="sgd", lr=0.032, weight_decay=5e-4, train_size=0,
                                  eval_every=10, probe_epochs=100, crop_min=0.08, tau=0.5)
+    TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
 
     def check(self):
         super().check()
@@ -106,16 +108,17 @@ def main():
     worker = copy.deepcopy(model)          # one working copy, re-loaded for every client
     for rnd in run.rounds({"model": model}):
         picked = run.sample_clients()
-        states, losses, images = [], [], 0
-        for c in picked:                                          # clients train in turn
+        states, losses, images = {}, {}, {}
+        for c in run.my_clients(picked):                          # clients train in turn (torchrun: this process's)
             worker.load_state_dict(model.state_dict())            # download the global model
-            loss, n = local_update(worker, run, run.clients[c], args)
-            states.append({k: v.clone() for k, v in worker.state_dict().items()})   # upload
-            losses.append(loss)
-            images += n
+            with run.client(c):                                   # c's own random stream: (seed, round, c)
+                loss, images[c] = local_update(worker, run, run.clients[c], args)
+            states[c] = {k: v.clone() for k, v in worker.state_dict().items()}   # upload
+            losses[c] = loss.item()
+        states, losses, images = run.gather(states, losses, images)   # every sampled client's upload, by id
         weights = run.sizes[picked] if args.weighted else None
-        model.load_state_dict(common.fedavg(states, weights))      # the server: FedAvg
-        run.log(rnd, loss=torch.stack(losses).mean(), images=images, encoder=model.encoder)
+        model.load_state_dict(common.fedavg(list(states.values()), weights))   # the server: FedAvg
+        run.log(rnd, loss=np.mean(list(losses.values())), images=sum(images.values()), encoder=model.encoder)
     run.finish(model.encoder)
 
 

@@ -43,6 +43,7 @@ class Args(common.RunArgs):
                                  classes_per_client=2, rounds=100, local_epochs=5, batch_size=128,
                                  optimizer="sgd", lr=0.032, weight_decay=5e-4, train_size=0,
                                  eval_every=10, probe_epochs=100, crop_min=0.08, tau=0.5)
+    TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
 
     def check(self):
         super().check()
@@ -91,16 +92,20 @@ def main():
     models = [SimCLR(common.make_encoder(args, run.data.channels), args.proj_dim).to(run.device)
               for _ in range(args.clients)]
     opts = [common.make_optimizer(m.parameters(), args) for m in models]
+    mine = run.my_clients(range(args.clients))                    # torchrun: this process's clients
     for rnd in run.rounds({"models": models, "opts": opts}):
-        losses, images = [], 0
-        for c in range(args.clients):                             # no server: each client alone
-            loss, n = local_update(models[c], opts[c], run, run.clients[c], args)
-            losses.append(loss)
-            images += n
-        monitor = [run.monitor(m.encoder) for m in models] if run.is_eval_round(rnd) else []
-        run.log(rnd, loss=torch.stack(losses).mean(), images=images,
+        losses, images, monitor = {}, {}, {}
+        for c in mine:                                            # no server: each client alone
+            with run.client(c):                                   # c's own random stream: (seed, round, c)
+                loss, images[c] = local_update(models[c], opts[c], run, run.clients[c], args)
+            losses[c] = loss.item()
+            if run.is_eval_round(rnd):
+                monitor[c] = run.monitor(models[c].encoder)
+        losses, images = run.gather(losses, images)               # numbers for the log: no model leaves a client
+        monitor = list(run.gather(monitor).values()) if run.is_eval_round(rnd) else []
+        run.log(rnd, loss=np.mean(list(losses.values())), images=sum(images.values()),
                 **{k: np.mean([m[k] for m in monitor]) for k in (monitor[0] if monitor else ())})
-    per_client = [run.evaluate(m.encoder) for m in models]
+    per_client = list(run.gather({c: run.evaluate(models[c].encoder) for c in mine}).values())
     knn, lin = np.array([r["knn_acc"] for r in per_client]), np.array([r["linear_acc"] for r in per_client])
     run.finish(results={k: np.mean([r[k] for r in per_client]) for k in per_client[0]},   # every metric
                encoders=[m.encoder for m in models],
