@@ -32,6 +32,10 @@ taken under the same load on the same device:
    (its main(); batch = images / 1000, the whole data of a client in the 1000-client setting, so every
    setting uses the same batch and only the number of clients changes) and mocosfl
    (mocosfl.train_images_per_s: the code's pool/batch rule, about 100 images per server step).
+4. Processes (issue #17): fedavg_cl's training images/s in 1 process x 1 thread and under torchrun in
+   --procs processes x 1 thread (gloo), 2 clients per process, the same images; the ratio is the speed-up
+   (ideal: the number of processes). The load average is reported with it: other work on the machine
+   takes cores from the N processes first.
 The bare step uses the method's memory layout (channels-last from common.make_encoder and Augment; the
 default layout for mocosfl, whose vmap needs it). With a GPU (or --gpu-extras true) it is also timed with
 bf16 autocast (and channels-last for mocosfl's too), and compiled with torch.compile (--compile); both as
@@ -55,6 +59,7 @@ import platform
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,7 +86,7 @@ METHODS = {
     "mocosfl": ("mocosfl", [], "sfl"),
     "fed_cluster": ("fed_cluster", [], "byol"),
 }
-SECTIONS = ("ratio", "pipeline", "scale")
+SECTIONS = ("ratio", "pipeline", "scale", "procs")
 
 
 @dataclass
@@ -94,8 +99,8 @@ class Args:
     """auto | cpu | cuda"""
     methods: str = "all"
     """comma-separated rows of the efficiency table (all = every method file)"""
-    sections: str = "ratio,pipeline,scale"
-    """which measurements: ratio, pipeline, scale"""
+    sections: str = "ratio,pipeline,scale,procs"
+    """which measurements: ratio, pipeline, scale, procs"""
     repeats: int = 0
     """timed blocks per figure; 0 = 5 (--quick: 2)"""
     train_size: int = 0
@@ -110,6 +115,8 @@ class Args:
     """bare step also with bf16 autocast (+ channels-last everywhere): auto (with a GPU) | true | false"""
     compile: str = "auto"
     """bare step also under torch.compile: auto (with a GPU) | true | false"""
+    procs: int = 2
+    """processes of the torchrun scaling measurement (section procs), each with one thread"""
 
     def check(self):
         if self.device not in ("auto", "cpu", "cuda"):
@@ -124,6 +131,8 @@ class Args:
                         f"choose from {', '.join(METHODS)}")
         if not set(self.section_list) <= set(SECTIONS):
             common.fail(f"--sections: choose from {', '.join(SECTIONS)} (got {self.sections!r})")
+        if self.procs < 2:
+            common.fail(f"--procs must be at least 2 (got {self.procs})")
         for name in ("repeats", "train_size", "batch_size", "scale_images", "workers"):
             if getattr(self, name) < 0:
                 common.fail(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
@@ -539,6 +548,44 @@ def measure_scale(args: Args, device, tmp: Path) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
+# Processes: the same fedavg_cl work in 1 process x 1 thread and under torchrun in N processes x 1 thread
+# ----------------------------------------------------------------------------------------------
+
+def procs_flags(args: Args, device) -> list:
+    """fedavg_cl's command line in the procs section: 2 clients per process, so each process has the same work."""
+    flags = ["--train-size", max(args.train_size, 128 * args.procs), "--test-size", 100, "--clients", 2 * args.procs,
+             "--partition", "iid", "--rounds", args.repeats + 1, "--eval-every", 10 ** 6, "--probe-epochs", 1,
+             "--device", device.type]
+    return list(map(str, flags + (["--batch-size", args.batch_size] if args.batch_size else [])))
+
+
+def measure_procs(args: Args, device, tmp: Path) -> dict:
+    """Training images/s of fedavg_cl with 1 process and with --procs processes (torchrun --standalone), one
+    thread each (OMP_NUM_THREADS=1), on the same clients and images; ratio = N-process rate / 1-process rate
+    (ideal: N). The two runs alternate max(1, repeats // 2) times; each figure is the median of its rounds."""
+    flags, env = procs_flags(args, device), {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = {1: [sys.executable], args.procs: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                "--nproc_per_node", str(args.procs)]}
+    rates = {1: [], args.procs: []}
+    for i in range(max(1, args.repeats // 2)):
+        for n, cmd in launch.items():
+            out = tmp / f"procs-{n}-{i}"
+            proc = subprocess.run([*cmd, str(ROOT / "fedavg_cl.py"), *flags, "--out", str(out)], cwd=ROOT, env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"fedavg_cl with {n} process(es) exited {proc.returncode}: {proc.stderr[-500:]}")
+            folder = next(out.glob("*/"))
+            rates[n] += [json.loads(line)["images_per_s"] for line in (folder / "metrics.jsonl").read_text().splitlines()[1:]]
+    one, many = summarise(rates[1]), summarise(rates[args.procs])
+    row = {"procs": args.procs, "flags": flags, "one_process": one, "procs_rate": many,
+           "ratio": many["images_per_s"] / one["images_per_s"], "load_avg_1min": os.getloadavg()[0],
+           "cpu_count": os.cpu_count()}
+    print(f"  1 process {one['images_per_s']:.0f}/s, {args.procs} processes {many['images_per_s']:.0f}/s: "
+          f"x{row['ratio']:.2f} (ideal x{args.procs})", file=sys.stderr, flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
 
@@ -580,6 +627,12 @@ def markdown(res: dict) -> str:
             out.append(f"| {m} | " + " | ".join(fmt(r) for r in rs) + " | " +
                        ", ".join(str(r["batch_per_client"]) for r in rs) + " |")
         out.append("")
+    if "procs" in res:
+        p = res["procs"]
+        out += [f"Processes (torchrun, gloo, 1 thread each; fedavg_cl `{' '.join(p['flags'])}`; load average "
+                f"{p['load_avg_1min']:.1f} on {p['cpu_count']} cores when it ended):", "",
+                f"| 1 process | {p['procs']} processes | ratio (ideal {p['procs']}) |", "|---|---|---|",
+                f"| {fmt(p['one_process'])} | {fmt(p['procs_rate'])} | {p['ratio']:.2f} |", ""]
     return "\n".join(out)
 
 
@@ -610,7 +663,8 @@ def main(argv=None):
         t0, res["section_s"] = time.time(), {}
         for name, fn in (("ratio", lambda: measure_ratios(args, device, Path(tmp), fast, compile_)),
                          ("pipeline", lambda: measure_pipeline(args, device)),
-                         ("scale", lambda: measure_scale(args, device, Path(tmp)))):
+                         ("scale", lambda: measure_scale(args, device, Path(tmp))),
+                         ("procs", lambda: measure_procs(args, device, Path(tmp)))):
             if name in args.section_list:
                 print(f"{name} ...", file=sys.stderr, flush=True)
                 t = time.time()

@@ -1127,6 +1127,8 @@ class Run:
     def __init__(self, args: RunArgs, script: str):
         self.args, self.script = args, script
         if distributed.launched() and not type(args).TORCHRUN:
+            if os.environ.get("RANK", "0") != "0":
+                sys.exit(2)                 # the line below is printed once, by process 0
             fail(f"{script}.py is not distributed yet (its docstring says why); run it as one process: "
                  f"python {script}.py ...")
         self.device = _pick_device(args.device)

@@ -50,6 +50,8 @@ cluster models merge: their feature similarity goes 0.86 -> 0.997 in four rounds
 FeatARC's headline number is the MEAN over cluster models (no test-set selection); summary.json also gives
 every cluster and the best one picked by test linear accuracy, as the released code reports (optimistic).
 
+torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): its server
+(per-cluster FedAvg, FeatARC's cluster choice) does not go through run.gather yet.
 Run:      python dec_ssl.py --partition dirichlet --alpha 0.05 --clients 5           (SimCLR, CPU minutes)
           python dec_ssl.py --partition dirichlet --alpha 0.05 --clients 5 --featarc true --clusters 2
           python dec_ssl.py --preset paper --alpha 0.1      (GPU; SimSiam in the code: --ssl simsiam
@@ -303,19 +305,20 @@ def main():
         picked = run.sample_clients()
         uploads, assign, losses, images = {}, {}, [], 0
         for c in picked:
-            idx = client_indices(run, c, args)
-            assign[c] = 0
-            if args.featarc:        # on the client: only the chosen cluster index is sent to the server
-                assign[c], anchors[idx] = featarc_choose(last_local[c], clusters, run, idx)   # a_i: frozen
-            worker.load_state_dict(clusters[assign[c]].state_dict())    # download
-            if args.target == "reset" and worker.target is not None:
-                worker.reset_target()
-            loss, n = local_update(worker, run, idx, args, lr, anchors if args.featarc else None)
-            uploads[c] = {k: v.clone() for k, v in worker.state_dict().items()}    # upload, keyed by id
-            if args.featarc:
-                last_local[c].load_state_dict(worker.encoder.state_dict())
-            losses.append(loss)
-            images += n
+            with run.client(c):                                   # c's own random stream: (seed, round, c)
+                idx = client_indices(run, c, args)
+                assign[c] = 0
+                if args.featarc:        # on the client: only the chosen cluster index is sent to the server
+                    assign[c], anchors[idx] = featarc_choose(last_local[c], clusters, run, idx)   # a_i: frozen
+                worker.load_state_dict(clusters[assign[c]].state_dict())    # download
+                if args.target == "reset" and worker.target is not None:
+                    worker.reset_target()
+                loss, n = local_update(worker, run, idx, args, lr, anchors if args.featarc else None)
+                uploads[c] = {k: v.clone() for k, v in worker.state_dict().items()}    # upload, keyed by id
+                if args.featarc:
+                    last_local[c].load_state_dict(worker.encoder.state_dict())
+                losses.append(loss)
+                images += n
         for j, averaged in aggregate(uploads, assign, C, run.sizes if args.weighted else None).items():
             clusters[j].load_state_dict(averaged)                       # the server
         extra = {"lr": lr}

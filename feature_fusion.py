@@ -37,6 +37,8 @@ pos_beats_queue / pos_beats_batch = share of queries whose positive key scores a
 the local queue / every other key of the same batch (queue keys come from older encoders; the two
 shares tell how hard each set of negatives is), remote_mass = softmax mass of L_FF on the remote rows.
 
+torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): its server also
+exchanges the clients' features (an all-gather of the feature bank), not routed through run.gather yet.
 Run:      python feature_fusion.py                       (10 clients, 2 classes each, Fashion-MNIST)
           python feature_fusion.py --remote-features 0   (fusion off: FedAvg + MoCo, the ablation)
           python feature_fusion.py --preset paper        (CIFAR-10, ResNet-18; for a GPU)
@@ -233,23 +235,24 @@ def main():
         new_feats, new_y, new_counts = torch.zeros_like(feats), torch.full_like(feat_y, -1), torch.zeros_like(counts)
         states, losses, images, fn, diags, down_rows = [], [], 0, [], [], 0
         for c in picked:                                          # clients train in turn
-            worker.load_state_dict(model.state_dict())            # step 3: download the global model
-            key_enc.load_state_dict(model.state_dict())           #   (online and momentum encoder)
-            rows = remote_rows(counts, args.remote_features, c, args.remote_bank)       # step 3: download the remote features
-            remote_feats = feats.flatten(0, 1)[rows]
-            loss, imgs, ptr, dg = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]), remote_feats,
-                                               run, run.clients[c], args, watch=run.is_eval_round(rnd))
-            ptrs[c] = ptr
-            z, pick = upload_features(key_enc, run, run.clients[c], args.remote_features)   # step 1
-            if z is not None:
-                new_feats[c, :len(z)], new_y[c, :len(z)], new_counts[c] = z, run.data.train_y[pick], len(z)
-            states.append({k: v.clone() for k, v in worker.state_dict().items()})       # step 1: model
-            losses.append(loss)
-            images, down_rows = images + imgs, down_rows + len(rows)
-            if run.is_eval_round(rnd):
-                diags.append(dg)
-                fn.append(fn_ratio(run.data.train_y[run.clients[c]], queue_y[c],
-                                   feat_y.flatten()[rows], run.data.num_classes))
+            with run.client(c):                                   # c's own random stream: (seed, round, c)
+                worker.load_state_dict(model.state_dict())            # step 3: download the global model
+                key_enc.load_state_dict(model.state_dict())           #   (online and momentum encoder)
+                rows = remote_rows(counts, args.remote_features, c, args.remote_bank)   # step 3: remote features
+                remote_feats = feats.flatten(0, 1)[rows]
+                loss, imgs, ptr, dg = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]), remote_feats,
+                                                   run, run.clients[c], args, watch=run.is_eval_round(rnd))
+                ptrs[c] = ptr
+                z, pick = upload_features(key_enc, run, run.clients[c], args.remote_features)   # step 1
+                if z is not None:
+                    new_feats[c, :len(z)], new_y[c, :len(z)], new_counts[c] = z, run.data.train_y[pick], len(z)
+                states.append({k: v.clone() for k, v in worker.state_dict().items()})       # step 1: model
+                losses.append(loss)
+                images, down_rows = images + imgs, down_rows + len(rows)
+                if run.is_eval_round(rnd):
+                    diags.append(dg)
+                    fn.append(fn_ratio(run.data.train_y[run.clients[c]], queue_y[c],
+                                       feat_y.flatten()[rows], run.data.num_classes))
         weights = run.sizes[picked] if args.weighted else None
         model.load_state_dict(common.fedavg(states, weights))     # step 2: the server, FedAvg
         feats.copy_(new_feats), feat_y.copy_(new_y), counts.copy_(new_counts)   # kept for one round

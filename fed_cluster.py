@@ -39,6 +39,8 @@ only statements a reader can check this file against:
 Sanity anchor (centralized Contrastive Clustering, ResNet-34, CIFAR-10; not this paper): ACC 0.790,
 NMI 0.705, ARI 0.637. A federated non-IID run should land below these; above suggests a leak.
 
+torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): its two stages' FedAvg
+(and the kept targets) do not go through run.gather yet.
 Run:      python fed_cluster.py                       (Fashion-MNIST, 10 clients with 2 classes, CPU;
                                                        rounds 1-10 stage 1, 11-20 stage 2)
           python fed_cluster.py --loss contrastive --cluster-loss noncontrastive --cluster-rounds 5
@@ -249,16 +251,17 @@ def main():
         picked = run.sample_clients()
         states, losses, clu_losses, images = [], [], [], 0
         for c in picked:                                         # clients train in turn
-            worker.load_state_dict(model.state_dict())           # download the global online networks
-            if args.keep_target and c in targets:
-                target.load_state_dict(targets[c])
-            else:                                                # target := global online (no predictor)
-                target.load_state_dict(model.state_dict(), strict=False)
-            loss, clu, n = local_update(worker, target, run, run.clients[c], args, stage)
-            states.append({k: v.clone() for k, v in worker.state_dict().items()})   # upload f, g, q, c
-            if args.keep_target:
-                targets[c] = {k: v.clone() for k, v in target.state_dict().items()}
-            losses, clu_losses, images = losses + [loss], clu_losses + [clu], images + n
+            with run.client(c):                                   # c's own random stream: (seed, round, c)
+                worker.load_state_dict(model.state_dict())           # download the global online networks
+                if args.keep_target and c in targets:
+                    target.load_state_dict(targets[c])
+                else:                                                # target := global online (no predictor)
+                    target.load_state_dict(model.state_dict(), strict=False)
+                loss, clu, n = local_update(worker, target, run, run.clients[c], args, stage)
+                states.append({k: v.clone() for k, v in worker.state_dict().items()})   # upload f, g, q, c
+                if args.keep_target:
+                    targets[c] = {k: v.clone() for k, v in target.state_dict().items()}
+                losses, clu_losses, images = losses + [loss], clu_losses + [clu], images + n
         model.load_state_dict(common.fedavg(states, run.sizes[picked]))             # the server: FedAvg
         extra = {"stage": stage}
         if stage == 2:

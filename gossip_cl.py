@@ -29,6 +29,8 @@ OVER CLIENT MODELS, what a client actually holds; `consensus` holds the same eva
 model (which no client holds unless all of them average once more); per-round: knn_acc (client mean),
 knn_acc_consensus, consensus distance before and after gossip, bytes sent per client.
 
+torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): neighbour averaging
+needs each process's client weights exchanged with its neighbours; not built yet.
 Run:      python gossip_cl.py                          (ring of 10 clients, 2 classes each, Fashion-MNIST)
           python gossip_cl.py --topology complete      (= FedAvg, unweighted)
           python gossip_cl.py --topology random --degree 3 --gossip-steps 2
@@ -242,10 +244,11 @@ def main():
     for rnd in run.rounds({"weights": clients.x, "counters": clients.counts}):
         losses, images = [], 0
         for c in range(args.clients):                             # clients train in turn, each its own model
-            loss, n = local_update(clients.load(c), run, run.clients[c], args)
-            clients.store(c)
-            losses.append(loss)
-            images += n
+            with run.client(c):                                   # c's own random stream: (seed, round, c)
+                loss, n = local_update(clients.load(c), run, run.clients[c], args)
+                clients.store(c)
+                losses.append(loss)
+                images += n
         drift = consensus_distance(clients.x)
         gossip(w, clients.x, clients.counts, args.gossip_steps)   # no server: neighbours average
         evals = {}

@@ -52,6 +52,8 @@ false-negative ratio (share of a query's negatives with its class), logged on ev
 with the local queue only (fn_ratio_local) and with the remote bank added (fn_ratio_fused).
 Label-free diagnostics as in feature_fusion.py (pos_beats_queue, pos_beats_batch, remote_mass).
 
+torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): its server also
+exchanges the clients' features (an all-gather of the feature bank), not routed through run.gather yet.
 Run:      python neighborhood_match.py                   (10 clients, 2 classes each, Fashion-MNIST)
           python neighborhood_match.py --nm-weight 0     (NM off: feature_fusion.py)
           python neighborhood_match.py --preset paper    (CIFAR-10, ResNet-18; for a GPU)
@@ -294,23 +296,25 @@ def main():
         states, losses, nms, images, fn, diags, down_rows = [], [], [], 0, [], [], 0
         lam = args.nm_weight if rnd > args.nm_warmup * args.rounds else 0.0   # NM after the warm-up
         for c in picked:                                          # clients train in turn
-            worker.load_state_dict(model.state_dict())            # step 3: download the global model
-            key_enc.load_state_dict(model.state_dict())           #   (online and momentum encoder)
-            rows = remote_rows(counts, args.remote_features, c, args.remote_bank)       # step 3: download the remote features
-            remote_feats = feats.flatten(0, 1)[rows]
-            loss, nm, imgs, ptr, dg = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]), remote_feats,
-                                                   run, run.clients[c], args, lam, watch=run.is_eval_round(rnd))
-            ptrs[c] = ptr
-            z, pick = upload_features(key_enc, run, run.clients[c], args.remote_features)   # step 1
-            if z is not None:
-                new_feats[c, :len(z)], new_y[c, :len(z)], new_counts[c] = z, run.data.train_y[pick], len(z)
-            states.append({k: v.clone() for k, v in worker.state_dict().items()})       # step 1: model
-            losses.append(loss), nms.append(nm)
-            images, down_rows = images + imgs, down_rows + len(rows)
-            if run.is_eval_round(rnd):
-                diags.append(dg)
-                fn.append(fn_ratio(run.data.train_y[run.clients[c]], queue_y[c],
-                                   feat_y.flatten()[rows], run.data.num_classes))
+            with run.client(c):                                   # c's own random stream: (seed, round, c)
+                worker.load_state_dict(model.state_dict())            # step 3: download the global model
+                key_enc.load_state_dict(model.state_dict())           #   (online and momentum encoder)
+                rows = remote_rows(counts, args.remote_features, c, args.remote_bank)   # step 3: remote features
+                remote_feats = feats.flatten(0, 1)[rows]
+                loss, nm, imgs, ptr, dg = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]),
+                                                       remote_feats, run, run.clients[c], args, lam,
+                                                       watch=run.is_eval_round(rnd))
+                ptrs[c] = ptr
+                z, pick = upload_features(key_enc, run, run.clients[c], args.remote_features)   # step 1
+                if z is not None:
+                    new_feats[c, :len(z)], new_y[c, :len(z)], new_counts[c] = z, run.data.train_y[pick], len(z)
+                states.append({k: v.clone() for k, v in worker.state_dict().items()})       # step 1: model
+                losses.append(loss), nms.append(nm)
+                images, down_rows = images + imgs, down_rows + len(rows)
+                if run.is_eval_round(rnd):
+                    diags.append(dg)
+                    fn.append(fn_ratio(run.data.train_y[run.clients[c]], queue_y[c],
+                                       feat_y.flatten()[rows], run.data.num_classes))
         weights = run.sizes[picked] if args.weighted else None
         model.load_state_dict(common.fedavg(states, weights))     # step 2: the server, FedAvg
         feats.copy_(new_feats), feat_y.copy_(new_y), counts.copy_(new_counts)   # kept for one round

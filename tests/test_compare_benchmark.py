@@ -266,6 +266,10 @@ def test_benchmark_quick_writes_every_figure(tmp_path):
                                                                     for c in (10, 100)}
     assert all(r["images_per_s"] > 0 and r["images"] == 1000 for r in res["scale"])
     assert "| fedavg_cl | simclr |" in proc.stdout and "ratio" in proc.stdout
+    q = res["procs"]                                                  # torchrun: 1 process vs 2
+    assert q["procs"] == 2 and q["one_process"]["images_per_s"] > 0 and q["procs_rate"]["images_per_s"] > 0
+    assert q["ratio"] == pytest.approx(q["procs_rate"]["images_per_s"] / q["one_process"]["images_per_s"])
+    assert "| 1 process | 2 processes |" in proc.stdout
 
 
 @pytest.mark.parametrize("flags, needle", [(["--methods", "fedavg"], "--methods"), (["--sections", "speed"], "--sections"),

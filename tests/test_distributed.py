@@ -1,0 +1,158 @@
+"""torchrun (issue #17): 2 processes give what 1 process gives; rank 0 writes one run folder; Ctrl-C and --resume;
+a killed process stops the others; methods not distributed yet refuse. CPU, gloo backend."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT, assert_complete_run, read_run, run_script
+
+BUDGET = ["--train-size", "200", "--test-size", "100", "--rounds", "3", "--local-epochs", "1", "--batch-size", "32",
+          "--eval-every", "2", "--probe-epochs", "1", "--device", "cpu"]
+FLAGS = {"fedavg_cl.py": [*BUDGET, "--clients", "4", "--participation", "0.75"],   # 3 of 4 sampled: 2 + 1 per process
+         "local_cl.py": [*BUDGET, "--clients", "3"]}                                # 2 clients on process 0, 1 on process 1
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FEDSSL_DIST_TIMEOUT": "30"}
+TOL = 1e-6     # the stated tolerance; on one CPU build the numbers come out bit-for-bit equal
+
+
+def torchrun(script, *flags, out, procs=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+            str(ROOT / script), *map(str, flags), "--out", str(out)]
+
+
+def run_torchrun(script, *flags, out, procs=2):
+    proc = subprocess.run(torchrun(script, *flags, out=out, procs=procs), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=ENV)
+    folders = sorted(Path(out).glob("*/")) if Path(out).exists() else []
+    return proc, folders
+
+
+def same_numbers(a, b):
+    """Every number of two metrics rows / summaries equal within TOL, except timings."""
+    if isinstance(a, dict):
+        keys = set(a) - {"images_per_s", "elapsed_s", "wall_s"}
+        assert keys == set(b) - {"images_per_s", "elapsed_s", "wall_s"}, (sorted(a), sorted(b))
+        return all(same_numbers(a[k], b[k]) for k in keys)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same_numbers(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return abs(a - b) <= TOL
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: each script as one plain process."""
+    runs = {}
+    for script, flags in FLAGS.items():
+        out = tmp_path_factory.mktemp("one")
+        proc, folder = run_script(script, *flags, out=out, env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+        runs[script] = folder
+    return runs
+
+
+def test_client_stream_depends_on_seed_round_and_client_only():
+    """run.client(c): the draws of client c are the same whichever clients ran before it, continue where
+    its last block of the round stopped, differ between clients and rounds, and leave the outer stream alone."""
+    run = SimpleNamespace(args=SimpleNamespace(seed=5), round=2, device=torch.device("cpu"), _client_rng={})
+    draw = lambda c: common.Run.client(run, c)
+    torch.manual_seed(0)
+    outer = torch.get_rng_state()
+    with draw(1):
+        a = torch.rand(4)
+    with draw(0):
+        b = torch.rand(4)
+    with draw(1):
+        a2 = torch.rand(4)                      # continues client 1's stream
+    assert torch.equal(torch.get_rng_state(), outer)
+    run._client_rng = {}
+    with draw(0):
+        b_first = torch.rand(4)                 # client 0 first this time: same numbers as after client 1
+    with draw(1):
+        assert torch.equal(torch.rand(4), a)
+    assert torch.equal(b_first, b) and not torch.equal(a, b) and not torch.equal(a, a2)
+    run._client_rng, run.round = {}, 3
+    with draw(1):
+        assert not torch.equal(torch.rand(4), a)
+
+
+@pytest.mark.parametrize("script", list(FLAGS))
+def test_two_processes_give_the_numbers_of_one_process(script, one_process, tmp_path):
+    proc, folders = run_torchrun(script, *FLAGS[script], out=tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr
+    assert len(folders) == 1                                     # rank 0 alone writes the run folder
+    summary, metrics = assert_complete_run(folders[0], rounds=3)
+    assert proc.stdout.count("learned encoder: kNN") == 1        # and prints the report once
+    ref_summary, ref_metrics, _ = read_run(one_process[script])
+    assert same_numbers(metrics, ref_metrics)                    # per-round losses, kNN, uploads
+    assert same_numbers(summary, ref_summary)                    # final kNN, linear, few-label, random encoder
+    if script == "fedavg_cl.py":                                 # what crossed = 3 sampled clients' state dicts
+        model = torch.load(folders[0] / "checkpoint.pt", weights_only=False)["state"]["model"]
+        assert [m["upload_bytes"] for m in metrics] == [3 * common.state_bytes(model)] * 3
+    else:                                                        # local training sends no model
+        assert all("upload_bytes" not in m for m in metrics)
+
+
+def test_ctrl_c_then_resume_under_two_processes_reaches_the_uninterrupted_run(one_process, tmp_path):
+    script, flags = "fedavg_cl.py", [*FLAGS["fedavg_cl.py"], "--rounds", "6"]
+    ref, ref_folders = run_torchrun(script, *flags, out=tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(torchrun(script, *flags, out=out), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("round 1/6"):
+            os.killpg(proc.pid, signal.SIGINT)                   # Ctrl-C: the terminal signals the whole group
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err
+    folder, = out.glob("*/")
+    assert not (folder / "summary.json").exists()
+    done = [json.loads(l)["round"] for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert done and done == list(range(1, done[-1] + 1)) and done[-1] < 6
+    assert torch.load(folder / "checkpoint.pt", weights_only=False)["round"] == done[-1]   # one checkpoint, same round
+
+    res, _ = run_torchrun(script, "--resume", folder, out=out)
+    assert res.returncode == 0, res.stderr
+    s_ref, m_ref, _ = read_run(ref_folders[0])
+    s_res, m_res, _ = read_run(folder)
+    assert same_numbers(m_res, m_ref) and same_numbers(s_res, s_ref)
+
+
+def test_a_killed_process_stops_the_others_without_a_summary(tmp_path):
+    out = tmp_path / "runs"
+    flags = [*FLAGS["fedavg_cl.py"], "--rounds", "50"]
+    proc = subprocess.Popen(torchrun("fedavg_cl.py", *flags, out=out), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("round 1/50"):
+            break
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    rank = {pid: Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in workers}
+    victim = next(pid for pid, env in rank.items() if b"RANK=1" in env)
+    t = time.time()
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err
+    assert time.time() - t < 90                                  # within the timeout, not a hang
+    folder, = out.glob("*/")
+    assert not (folder / "summary.json").exists()
+    rounds = [json.loads(l)["round"] for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert rounds[-1] < 50
+
+
+def test_a_method_not_distributed_yet_refuses_torchrun(tmp_path):
+    proc, folders = run_torchrun("gossip_cl.py", *BUDGET, out=tmp_path / "runs")
+    assert proc.returncode != 0 and not folders
+    assert proc.stderr.count("error: gossip_cl.py is not distributed yet") == 1    # once, by process 0
+    assert proc.stderr.count("exitcode  : 2") == 2                  # torchrun's report: both processes exit 2
