@@ -1357,9 +1357,9 @@ class Run:
         diagnostics = {k: v for k, v in row.items() if k not in _ROUND_KEYS}
         if self.is_eval_round(rnd) and diagnostics:      # the method's own numbers, alignment, uniformity
             self.say("  " + format_metrics(diagnostics))
-        self._interrupted = self.world.any(self._interrupted)    # torchrun: all stop after the same round
-        self._save(rnd)
-        if self._interrupted:
+        stop = self.world.any(self._interrupted)     # torchrun: all stop after the same round (a Ctrl-C that
+        self._save(rnd)                               # lands during this exchange counts at the next round)
+        if stop:
             self.say(f"interrupted after round {rnd}; resume with: python {self.script}.py --resume {self.dir}",
                      err=True)
             sys.exit(130)

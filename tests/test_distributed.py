@@ -48,6 +48,16 @@ def same_numbers(a, b):
     return a == b
 
 
+def same_tensors(a, b):
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=0, atol=TOL)
+    if isinstance(a, dict):
+        return set(a) == set(b) and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference: each script as one plain process."""
@@ -95,6 +105,9 @@ def test_two_processes_give_the_numbers_of_one_process(script, one_process, tmp_
     ref_summary, ref_metrics, _ = read_run(one_process[script])
     assert same_numbers(metrics, ref_metrics)                    # per-round losses, kNN, uploads
     assert same_numbers(summary, ref_summary)                    # final kNN, linear, few-label, random encoder
+    for name, key in (("checkpoint.pt", "state"), ("encoder.pt", "encoders")):   # every client's model, from its process
+        got, want = (torch.load(f / name, weights_only=False)[key] for f in (folders[0], one_process[script]))
+        assert same_tensors(got, want), name
     if script == "fedavg_cl.py":                                 # what crossed = 3 sampled clients' state dicts
         model = torch.load(folders[0] / "checkpoint.pt", weights_only=False)["state"]["model"]
         assert [m["upload_bytes"] for m in metrics] == [3 * common.state_bytes(model)] * 3
@@ -102,7 +115,7 @@ def test_two_processes_give_the_numbers_of_one_process(script, one_process, tmp_
         assert all("upload_bytes" not in m for m in metrics)
 
 
-def test_ctrl_c_then_resume_under_two_processes_reaches_the_uninterrupted_run(one_process, tmp_path):
+def test_ctrl_c_then_resume_under_two_processes_reaches_the_uninterrupted_run(tmp_path):
     script, flags = "fedavg_cl.py", [*FLAGS["fedavg_cl.py"], "--rounds", "6"]
     ref, ref_folders = run_torchrun(script, *flags, out=tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
@@ -116,9 +129,10 @@ def test_ctrl_c_then_resume_under_two_processes_reaches_the_uninterrupted_run(on
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0, err
     folder, = out.glob("*/")
-    assert not (folder / "summary.json").exists()
+    assert not (folder / "summary.json").exists(), err
     done = [json.loads(l)["round"] for l in (folder / "metrics.jsonl").read_text().splitlines()]
     assert done and done == list(range(1, done[-1] + 1)) and done[-1] < 6
+    assert err.count("interrupted after round") == 1                # printed once, by process 0
     assert torch.load(folder / "checkpoint.pt", weights_only=False)["round"] == done[-1]   # one checkpoint, same round
 
     res, _ = run_torchrun(script, "--resume", folder, out=out)
@@ -155,4 +169,4 @@ def test_a_method_not_distributed_yet_refuses_torchrun(tmp_path):
     proc, folders = run_torchrun("gossip_cl.py", *BUDGET, out=tmp_path / "runs")
     assert proc.returncode != 0 and not folders
     assert proc.stderr.count("error: gossip_cl.py is not distributed yet") == 1    # once, by process 0
-    assert proc.stderr.count("exitcode  : 2") == 2                  # torchrun's report: both processes exit 2
+    assert "exitcode  : 2" in proc.stderr                          # torchrun's report: the processes exit 2
