@@ -1528,13 +1528,13 @@ class Run:
     # --- checkpoint ---------------------------------------------------------------------------
     def _save(self, rnd: int):
         state = {k: _state_of(v) for k, v in self._state.items()}
-        if self.world.size > 1:        # per-client lists (local models): entry c lives on process c % N
-            shared = {k for k, v in state.items() if isinstance(v, list) and len(v) == self.args.clients}
-            parts = self.world.collect({k: state[k] for k in shared})
+        if self.world.size > 1:        # per-client state (local models, kept targets): client c's is on process c % N
+            per_client = [k for k, v in self._state.items() if isinstance(v, (list, nn.ModuleList, dict))]
+            parts = self.world.collect({k: state[k] for k in per_client})
             if not self.main:
                 return
-            for k in shared:
-                state[k] = [parts[c % self.world.size][k][c] for c in range(self.args.clients)]
+            for k in per_client:
+                state[k] = self._merge_clients(k, parts)
         ckpt = {"round": rnd, "history": self.history, "images_total": self.images_total,
                 "train_s_total": self.train_s_total, "elapsed_s": self.history[-1]["elapsed_s"],
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
@@ -1551,6 +1551,19 @@ class Run:
             return
         global _fresh_dir
         _fresh_dir = None                        # from now on the folder can be resumed: never delete it
+
+    def _merge_clients(self, k: str, parts: list):
+        """State entry k for the checkpoint from every process's copy: of a list or ModuleList with one entry
+        per client, entry c from process c % N; of a dict keyed by client id, each client's item from its
+        process; anything else (the same on every process) from process 0."""
+        obj, n = self._state[k], self.world.size
+        if isinstance(obj, nn.ModuleList) and len(obj) == self.args.clients:       # state dict keys "c.name"
+            return {name: parts[int(name.split(".")[0]) % n][k][name] for name in parts[0][k]}
+        if isinstance(obj, list) and len(obj) == self.args.clients:
+            return [parts[c % n][k][c] for c in range(len(obj))]
+        if isinstance(obj, dict) and all(isinstance(c, int) for p in parts for c in p[k]):
+            return {c: v for r, p in enumerate(parts) for c, v in sorted(p[k].items()) if c % n == r}
+        return parts[0][k]
 
     def _read_checkpoint(self) -> dict:
         """Load RUN_DIR/checkpoint.pt for --resume, refusing in one line if it is not a whole checkpoint."""

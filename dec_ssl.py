@@ -50,8 +50,8 @@ cluster models merge: their feature similarity goes 0.86 -> 0.997 in four rounds
 FeatARC's headline number is the MEAN over cluster models (no test-set selection); summary.json also gives
 every cluster and the best one picked by test linear accuracy, as the released code reports (optimistic).
 
-torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): its server
-(per-cluster FedAvg, FeatARC's cluster choice) does not go through run.gather yet.
+torchrun: distributed (see distributed.py): client c trains on process c % N; the uploads (and FeatARC's
+chosen cluster indices) are all-gathered and every process runs the same per-cluster FedAvg.
 Run:      python dec_ssl.py --partition dirichlet --alpha 0.05 --clients 5           (SimCLR, CPU minutes)
           python dec_ssl.py --partition dirichlet --alpha 0.05 --clients 5 --featarc true --clusters 2
           python dec_ssl.py --preset paper --alpha 0.1      (GPU; SimSiam in the code: --ssl simsiam
@@ -70,6 +70,7 @@ import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -110,6 +111,7 @@ class Args(common.RunArgs):
     bn_reestimate: bool = False
     """recompute BatchNorm statistics on the training set before the final evaluation"""
 
+    TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="dirichlet",
                                  alpha=0.1, rounds=10, local_epochs=50, batch_size=256, optimizer="adam",
                                  lr=1e-3, weight_decay=1e-6, train_size=0, eval_every=1, probe_epochs=50,
@@ -303,8 +305,8 @@ def main():
     for rnd in run.rounds(state):
         lr = server_lr(args, rnd)
         picked = run.sample_clients()
-        uploads, assign, losses, images = {}, {}, [], 0
-        for c in picked:
+        uploads, assign, losses, images = {}, {}, {}, {}
+        for c in run.my_clients(picked):                          # clients train in turn (torchrun: this process's)
             with run.client(c):                                   # c's own random stream: (seed, round, c)
                 idx = client_indices(run, c, args)
                 assign[c] = 0
@@ -313,12 +315,12 @@ def main():
                 worker.load_state_dict(clusters[assign[c]].state_dict())    # download
                 if args.target == "reset" and worker.target is not None:
                     worker.reset_target()
-                loss, n = local_update(worker, run, idx, args, lr, anchors if args.featarc else None)
+                loss, images[c] = local_update(worker, run, idx, args, lr, anchors if args.featarc else None)
                 uploads[c] = {k: v.clone() for k, v in worker.state_dict().items()}    # upload, keyed by id
                 if args.featarc:
                     last_local[c].load_state_dict(worker.encoder.state_dict())
-                losses.append(loss)
-                images += n
+                losses[c] = loss.item()
+        uploads, assign, losses, images = run.gather(uploads, assign, losses, images)   # every sampled client's
         for j, averaged in aggregate(uploads, assign, C, run.sizes if args.weighted else None).items():
             clusters[j].load_state_dict(averaged)                       # the server
         extra = {"lr": lr}
@@ -329,7 +331,7 @@ def main():
                 extra["knn_clusters"] = [m["knn_acc"] for m in monitor]
                 extra["knn_acc"] = sum(extra["knn_clusters"]) / C
                 extra["knn_acc_1pct"] = sum(m["knn_acc_1pct"] for m in monitor) / C
-        run.log(rnd, loss=torch.stack(losses).mean(), images=images,
+        run.log(rnd, loss=np.mean(list(losses.values())), images=sum(images.values()),
                 encoder=None if args.featarc else clusters[0].encoder, **extra)
 
     if args.featarc:        # a cluster model no client ever trained is still its random initialisation

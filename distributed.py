@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node N fedavg_cl.py ...        (N processes, one machine)
 
-Each process hosts every N-th sampled client (`World.mine`); after the local updates the uploads of all
+Client c lives on process c % N (`World.mine`); after the local updates the uploads of all
 sampled clients are exchanged with one all-gather (`World.gather`), so every process holds the same
 uploads in the same client order and runs the same server step: the averaged model (and anything else
 the server computes) is bit-for-bit the one a single process computes. Rank 0 alone writes the run folder.
@@ -55,8 +55,9 @@ class World:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s))
 
     def mine(self, clients) -> list:
-        """The clients of `clients` this process hosts: every size-th one, starting at its rank."""
-        return [c for i, c in enumerate(clients) if i % self.size == self.rank]
+        """The clients of `clients` this process hosts: client c lives on process c % size, always (so a
+        client's own state, e.g. its local model, stays on one process whichever clients are sampled)."""
+        return [c for c in clients if c % self.size == self.rank]
 
     def _collective(self, fn, *a):
         try:

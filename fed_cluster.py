@@ -39,8 +39,8 @@ only statements a reader can check this file against:
 Sanity anchor (centralized Contrastive Clustering, ResNet-34, CIFAR-10; not this paper): ACC 0.790,
 NMI 0.705, ARI 0.637. A federated non-IID run should land below these; above suggests a leak.
 
-torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): its two stages' FedAvg
-(and the kept targets) do not go through run.gather yet.
+torchrun: distributed (see distributed.py): client c trains on process c % N (its kept target stays
+there); the uploads are all-gathered and every process runs the same FedAvg, in both stages.
 Run:      python fed_cluster.py                       (Fashion-MNIST, 10 clients with 2 classes, CPU;
                                                        rounds 1-10 stage 1, 11-20 stage 2)
           python fed_cluster.py --loss contrastive --cluster-loss noncontrastive --cluster-rounds 5
@@ -71,6 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import distributed
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Args(common.RunArgs):
     sweep_seeds: int = 1
     """seeds per configuration in --sweep (mean and std over them)"""
 
+    TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="classes",
                                  classes_per_client=2, rounds=100, cluster_rounds=50, local_epochs=5,
                                  batch_size=128, optimizer="sgd", lr=0.032, weight_decay=5e-4, train_size=0,
@@ -124,6 +126,8 @@ class Args(common.RunArgs):
             common.fail(f"--momentum must be in [0, 1) (got {self.momentum})")
         if self.sweep_seeds < 1:
             common.fail(f"--sweep-seeds must be at least 1 (got {self.sweep_seeds})")
+        if self.sweep and distributed.launched():
+            common.fail("--sweep starts its runs as subprocesses; run it as one process, not under torchrun")
         if self.proj_dim < 1:
             common.fail(f"--proj-dim must be at least 1 (got {self.proj_dim})")
 
@@ -244,36 +248,38 @@ def main():
     target = Net(copy.deepcopy(model.encoder), args.proj_dim, run.data.num_classes, predictor=False).to(run.device)
     stage1, targets = {}, {}                                     # stage-1 evaluation; kept targets per client
     s1 = args.stage1_rounds
-    print(f"stage 1 (representation learning, --loss {args.loss}): rounds 1-{s1}; stage 2 (clustering, "
-          f"--cluster-loss {args.cluster_loss}): rounds {s1 + 1}-{args.rounds}", flush=True)
+    run.say(f"stage 1 (representation learning, --loss {args.loss}): rounds 1-{s1}; stage 2 (clustering, "
+            f"--cluster-loss {args.cluster_loss}): rounds {s1 + 1}-{args.rounds}")
     for rnd in run.rounds({"model": model, "stage1": stage1, "targets": targets}):
         stage = 1 if rnd <= args.stage1_rounds else 2
         picked = run.sample_clients()
-        states, losses, clu_losses, images = [], [], [], 0
-        for c in picked:                                         # clients train in turn
-            with run.client(c):                                   # c's own random stream: (seed, round, c)
+        states, losses, clu_losses, images = {}, {}, {}, {}
+        for c in run.my_clients(picked):                         # clients train in turn (torchrun: this process's)
+            with run.client(c):                                  # c's own random stream: (seed, round, c)
                 worker.load_state_dict(model.state_dict())           # download the global online networks
                 if args.keep_target and c in targets:
                     target.load_state_dict(targets[c])
                 else:                                                # target := global online (no predictor)
                     target.load_state_dict(model.state_dict(), strict=False)
-                loss, clu, n = local_update(worker, target, run, run.clients[c], args, stage)
-                states.append({k: v.clone() for k, v in worker.state_dict().items()})   # upload f, g, q, c
-                if args.keep_target:
+                loss, clu, images[c] = local_update(worker, target, run, run.clients[c], args, stage)
+                states[c] = {k: v.clone() for k, v in worker.state_dict().items()}   # upload f, g, q, c
+                if args.keep_target:                             # kept on the client (its process)
                     targets[c] = {k: v.clone() for k, v in target.state_dict().items()}
-                losses, clu_losses, images = losses + [loss], clu_losses + [clu], images + n
-        model.load_state_dict(common.fedavg(states, run.sizes[picked]))             # the server: FedAvg
+                losses[c], clu_losses[c] = loss.item(), clu.item()
+        states, losses, clu_losses, images = run.gather(states, losses, clu_losses, images)   # by client id
+        model.load_state_dict(common.fedavg(list(states.values()), run.sizes[picked]))   # the server: FedAvg
         extra = {"stage": stage}
         if stage == 2:
-            extra["cluster_loss"] = torch.stack(clu_losses).mean()
+            extra["cluster_loss"] = np.mean(list(clu_losses.values()))
             if run.is_eval_round(rnd):
                 extra.update(run.timed_eval(evaluate_clustering, model, run))
         if rnd == args.stage1_rounds:                            # end of stage 1: evaluate the encoder
             stage1.update(run.evaluate(model.encoder))
-            print(f"stage 1 done: kNN {stage1['knn_acc']:.4f}  linear {stage1['linear_acc']:.4f}", flush=True)
-        run.log(rnd, loss=torch.stack(losses).mean(), images=images, encoder=model.encoder, **extra)   # prints ACC, NMI, ARI
+            run.say(f"stage 1 done: kNN {stage1['knn_acc']:.4f}  linear {stage1['linear_acc']:.4f}")
+        run.log(rnd, loss=np.mean(list(losses.values())), images=sum(images.values()), encoder=model.encoder,
+                **extra)   # prints ACC, NMI, ARI
     final, clu = run.evaluate(model.encoder), evaluate_clustering(model, run)
-    print(f"clustering (test set): ACC {clu['cluster_acc']:.4f}  NMI {clu['nmi']:.4f}  ARI {clu['ari']:.4f}")
+    run.say(f"clustering (test set): ACC {clu['cluster_acc']:.4f}  NMI {clu['nmi']:.4f}  ARI {clu['ari']:.4f}")
     run.finish(model.encoder, results=final, stage1=dict(stage1) or None, stage2=final, **clu,
                stage1_rounds=args.stage1_rounds, loss_kind=args.loss, cluster_loss_kind=args.cluster_loss)
 

@@ -18,7 +18,10 @@ from conftest import ROOT, assert_complete_run, read_run, run_script
 BUDGET = ["--train-size", "200", "--test-size", "100", "--rounds", "3", "--local-epochs", "1", "--batch-size", "32",
           "--eval-every", "2", "--probe-epochs", "1", "--device", "cpu"]
 FLAGS = {"fedavg_cl.py": [*BUDGET, "--clients", "4", "--participation", "0.75"],   # 3 of 4 sampled: 2 + 1 per process
-         "local_cl.py": [*BUDGET, "--clients", "3"]}                                # 2 clients on process 0, 1 on process 1
+         "local_cl.py": [*BUDGET, "--clients", "3"],                               # 2 clients on process 0, 1 on process 1
+         "dec_ssl.py": [*BUDGET, "--clients", "4", "--participation", "0.75", "--featarc", "true", "--clusters", "2"],
+         "fed_cluster.py": [*BUDGET, "--rounds", "4", "--cluster-rounds", "2", "--clients", "4", "--participation", "0.75",
+                            "--keep-target", "true"]}                              # both stages, targets kept per client
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FEDSSL_DIST_TIMEOUT": "30"}
 TOL = 1e-6     # the stated tolerance; on one CPU build the numbers come out bit-for-bit equal
 
@@ -100,7 +103,7 @@ def test_two_processes_give_the_numbers_of_one_process(script, one_process, tmp_
     proc, folders = run_torchrun(script, *FLAGS[script], out=tmp_path / "two")
     assert proc.returncode == 0, proc.stderr
     assert len(folders) == 1                                     # rank 0 alone writes the run folder
-    summary, metrics = assert_complete_run(folders[0], rounds=3)
+    summary, metrics = assert_complete_run(folders[0], rounds=len(read_run(one_process[script])[1]))
     assert proc.stdout.count("learned encoder: kNN") == 1        # and prints the report once
     ref_summary, ref_metrics, _ = read_run(one_process[script])
     assert same_numbers(metrics, ref_metrics)                    # per-round losses, kNN, uploads
@@ -108,11 +111,12 @@ def test_two_processes_give_the_numbers_of_one_process(script, one_process, tmp_
     for name, key in (("checkpoint.pt", "state"), ("encoder.pt", "encoders")):   # every client's model, from its process
         got, want = (torch.load(f / name, weights_only=False)[key] for f in (folders[0], one_process[script]))
         assert same_tensors(got, want), name
-    if script == "fedavg_cl.py":                                 # what crossed = 3 sampled clients' state dicts
-        model = torch.load(folders[0] / "checkpoint.pt", weights_only=False)["state"]["model"]
-        assert [m["upload_bytes"] for m in metrics] == [3 * common.state_bytes(model)] * 3
-    else:                                                        # local training sends no model
+    state = torch.load(folders[0] / "checkpoint.pt", weights_only=False)["state"]
+    if script == "local_cl.py":                                  # local training sends no model
         assert all("upload_bytes" not in m for m in metrics)
+    else:                                                        # what crossed = 3 sampled clients' state dicts
+        model = state["model"] if "model" in state else {k: v for k, v in state["clusters"].items() if k[0] == "0"}
+        assert [m["upload_bytes"] for m in metrics] == [3 * common.state_bytes(model)] * len(metrics)
 
 
 def test_ctrl_c_then_resume_under_two_processes_reaches_the_uninterrupted_run(tmp_path):
