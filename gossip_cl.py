@@ -29,8 +29,11 @@ OVER CLIENT MODELS, what a client actually holds; `consensus` holds the same eva
 model (which no client holds unless all of them average once more); per-round: knn_acc (client mean),
 knn_acc_consensus, consensus distance before and after gossip, bytes sent per client.
 
-torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): neighbour averaging
-needs each process's client weights exchanged with its neighbours; not built yet.
+torchrun: distributed (see distributed.py): client c trains on process c % N; then one all-gather gives
+every process every client's weights and each applies the same mixing step X <- W X. That moves each
+client's weights to every process, not only to its neighbours: the logged upload_bytes (the all-gather)
+differ from bytes_sent_per_client (what the decentralized protocol sends); a neighbour-only exchange
+would need point-to-point sends and is not built.
 Run:      python gossip_cl.py                          (ring of 10 clients, 2 classes each, Fashion-MNIST)
           python gossip_cl.py --topology complete      (= FedAvg, unweighted)
           python gossip_cl.py --topology random --degree 3 --gossip-steps 2
@@ -63,6 +66,7 @@ class Args(common.RunArgs):
     gossip_steps: int = 1
     """gossip steps (X <- W X, one exchange with every neighbour each) after every round of local epochs"""
 
+    TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="classes",
                                  classes_per_client=2, rounds=100, local_epochs=5, batch_size=128,
                                  optimizer="sgd", lr=0.032, weight_decay=5e-4, train_size=0,
@@ -241,24 +245,27 @@ def main():
     sent = adj.sum(1).mean() * common.state_bytes(model) * args.gossip_steps   # a step: the model to each neighbour
     print(f"mixing matrix: {args.topology}, degree {adj.sum(1).min()}-{adj.sum(1).max()}, |lambda_2| {lam2:.4f}, "
           f"spectral gap {1 - lam2:.4f}: consensus distance x <= {lam2 ** 2:.4f} per gossip step", flush=True)
+    mine = run.my_clients(range(args.clients))                    # torchrun: this process's clients
     for rnd in run.rounds({"weights": clients.x, "counters": clients.counts}):
-        losses, images = [], 0
-        for c in range(args.clients):                             # clients train in turn, each its own model
+        losses, images, rows = {}, {}, {}
+        for c in mine:                                            # clients train in turn, each its own model
             with run.client(c):                                   # c's own random stream: (seed, round, c)
-                loss, n = local_update(clients.load(c), run, run.clients[c], args)
+                loss, images[c] = local_update(clients.load(c), run, run.clients[c], args)
                 clients.store(c)
-                losses.append(loss)
-                images += n
+                losses[c], rows[c] = loss.item(), (clients.x[c], clients.counts[c])
+        rows, losses, images = run.gather(rows, losses, images)   # torchrun: every client's row on every process
+        for c, (x, counts) in rows.items():
+            clients.x[c], clients.counts[c] = x, counts
         drift = consensus_distance(clients.x)
         gossip(w, clients.x, clients.counts, args.gossip_steps)   # no server: neighbours average
         evals = {}
         if run.is_eval_round(rnd):
-            monitor = [run.monitor(clients.load(c).encoder) for c in range(args.clients)]
+            monitor = list(run.gather({c: run.monitor(clients.load(c).encoder) for c in mine}).values())
             evals = {k: np.mean([m[k] for m in monitor]) for k in monitor[0]}   # all labels and 1 %
             evals["knn_acc_consensus"] = run.knn(clients.load_average().encoder)
-        run.log(rnd, loss=torch.stack(losses).mean(), images=images, consensus_dist_local=drift,
+        run.log(rnd, loss=np.mean(list(losses.values())), images=sum(images.values()), consensus_dist_local=drift,
                 consensus_dist=consensus_distance(clients.x), bytes_sent_per_client=sent, **evals)
-    per_client = [run.evaluate(clients.load(c).encoder) for c in range(args.clients)]
+    per_client = list(run.gather({c: run.evaluate(clients.load(c).encoder) for c in mine}).values())
     consensus = run.evaluate(clients.load_average().encoder)
     keys = per_client[0].keys()                                   # whatever the shared evaluation returns
     run.finish(results={k: np.mean([r[k] for r in per_client]) for k in keys},
