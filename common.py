@@ -1278,10 +1278,9 @@ class Run:
         """Each argument: {client: what it sends} for this process's clients -> the same for every client of
         the round, in client order (torchrun: one all-gather; one process: as given). The bytes of the
         tensors exchanged are counted in the round's `upload_bytes`."""
-        merged = self.world.gather({c: tuple(u[c] for u in uploads) for c in uploads[0]})
-        self.upload_bytes += sum(distributed.payload_bytes(v) for v in merged.values())
-        out = tuple({c: v[i] for c, v in merged.items()} for i in range(len(uploads)))
-        return out if len(out) > 1 else out[0]
+        merged = self.world.gather(uploads)
+        self.upload_bytes += distributed.payload_bytes(merged)
+        return merged if len(merged) > 1 else merged[0]
 
     def rounds(self, state: dict):
         """Yield round numbers 1..R; on --resume first restore `state` (modules, optimizers, tensors
@@ -1528,8 +1527,9 @@ class Run:
     # --- checkpoint ---------------------------------------------------------------------------
     def _save(self, rnd: int):
         state = {k: _state_of(v) for k, v in self._state.items()}
-        if self.world.size > 1:        # per-client state (local models, kept targets): client c's is on process c % N
-            per_client = [k for k, v in self._state.items() if isinstance(v, (list, nn.ModuleList, dict))]
+        if self.world.size > 1:        # per-client state (local models, queues, targets): client c's is on process c % N
+            per_client = [k for k, v in self._state.items() if isinstance(v, (list, nn.ModuleList, dict)) or
+                          isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == self.args.clients]
             parts = self.world.collect({k: state[k] for k in per_client})
             if not self.main:
                 return
@@ -1553,14 +1553,16 @@ class Run:
         _fresh_dir = None                        # from now on the folder can be resumed: never delete it
 
     def _merge_clients(self, k: str, parts: list):
-        """State entry k for the checkpoint from every process's copy: of a list or ModuleList with one entry
-        per client, entry c from process c % N; of a dict keyed by client id, each client's item from its
+        """State entry k for the checkpoint from every process's copy: of a list, ModuleList or tensor with one
+        entry (row) per client, entry c from process c % N; of a dict keyed by client id, each client's item from its
         process; anything else (the same on every process) from process 0."""
         obj, n = self._state[k], self.world.size
         if isinstance(obj, nn.ModuleList) and len(obj) == self.args.clients:       # state dict keys "c.name"
             return {name: parts[int(name.split(".")[0]) % n][k][name] for name in parts[0][k]}
         if isinstance(obj, list) and len(obj) == self.args.clients:
             return [parts[c % n][k][c] for c in range(len(obj))]
+        if isinstance(obj, torch.Tensor):           # one row per client (a replicated one has equal rows anyway)
+            return torch.stack([parts[c % n][k][c] for c in range(len(obj))])
         if isinstance(obj, dict) and all(isinstance(c, int) for p in parts for c in p[k]):
             return {c: v for r, p in enumerate(parts) for c, v in sorted(p[k].items()) if c % n == r}
         return parts[0][k]

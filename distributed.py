@@ -69,15 +69,15 @@ class World:
                   f"{self.timeout_s:g} s (FEDSSL_DIST_TIMEOUT); stopping too ({first})", file=sys.stderr, flush=True)
             sys.exit(1)
 
-    def gather(self, part: dict) -> dict:
-        """{client: upload} of this process -> {client: upload} of all processes, in client order. CPU tensors
-        travel pickled over gloo; under NCCL all_gather_object moves them through the GPU."""
+    def gather(self, parts: tuple) -> tuple:
+        """A tuple of dicts {client: upload} of this process -> the same dicts with the clients of all processes,
+        in client order. CPU tensors travel pickled over gloo; under NCCL all_gather_object goes through the GPU."""
         if self.size == 1:
-            return dict(sorted(part.items()))
-        parts = [None] * self.size
-        self._collective(dist.all_gather_object, parts, _to_cpu(part))
-        merged = {k: _to(v, self.device) for p in parts for k, v in p.items()}
-        return dict(sorted(merged.items()))
+            return tuple(dict(sorted(p.items())) for p in parts)
+        every = [None] * self.size
+        self._collective(dist.all_gather_object, every, _to_cpu(tuple(parts)))
+        return tuple(dict(sorted((c, _to(v, self.device)) for proc in every for c, v in proc[i].items()))
+                     for i in range(len(parts)))
 
     def any(self, flag: bool) -> bool:
         """True on every process if it is True on any (e.g. Ctrl-C reached one of them)."""

@@ -52,8 +52,9 @@ false-negative ratio (share of a query's negatives with its class), logged on ev
 with the local queue only (fn_ratio_local) and with the remote bank added (fn_ratio_fused).
 Label-free diagnostics as in feature_fusion.py (pos_beats_queue, pos_beats_batch, remote_mass).
 
-torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): its server also
-exchanges the clients' features (an all-gather of the feature bank), not routed through run.gather yet.
+torchrun: distributed (see distributed.py): client c (its queue included) lives on process c % N; one
+all-gather per round brings every sampled client's model and uploaded features to every process, and each
+runs the same server step (FedAvg, the feature bank); upload_bytes = the models and features uploaded.
 Run:      python neighborhood_match.py                   (10 clients, 2 classes each, Fashion-MNIST)
           python neighborhood_match.py --nm-weight 0     (NM off: feature_fusion.py)
           python neighborhood_match.py --preset paper    (CIFAR-10, ResNet-18; for a GPU)
@@ -67,6 +68,7 @@ import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,6 +109,7 @@ class Args(common.RunArgs):
     nm_local: bool = True
     """the neighbour set N is Q_r AND the local queue Q_l (false: Q_r only)"""
 
+    TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="iid",
                                  rounds=100, local_epochs=5, batch_size=256, optimizer="sgd", lr=0.06,
                                  weight_decay=5e-4, train_size=0, eval_every=10, probe_epochs=100,
@@ -293,41 +296,44 @@ def main():
     for rnd in run.rounds(state):
         picked = run.sample_clients()
         new_feats, new_y, new_counts = torch.zeros_like(feats), torch.full_like(feat_y, -1), torch.zeros_like(counts)
-        states, losses, nms, images, fn, diags, down_rows = [], [], [], 0, [], [], 0
+        states, uploads, losses, nms, images, down_rows, watch = {}, {}, {}, {}, {}, {}, {}
         lam = args.nm_weight if rnd > args.nm_warmup * args.rounds else 0.0   # NM after the warm-up
-        for c in picked:                                          # clients train in turn
+        for c in run.my_clients(picked):                          # clients train in turn (torchrun: this process's)
             with run.client(c):                                   # c's own random stream: (seed, round, c)
                 worker.load_state_dict(model.state_dict())            # step 3: download the global model
                 key_enc.load_state_dict(model.state_dict())           #   (online and momentum encoder)
                 rows = remote_rows(counts, args.remote_features, c, args.remote_bank)   # step 3: remote features
                 remote_feats = feats.flatten(0, 1)[rows]
-                loss, nm, imgs, ptr, dg = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]),
-                                                       remote_feats, run, run.clients[c], args, lam,
-                                                       watch=run.is_eval_round(rnd))
+                loss, nm, images[c], ptr, dg = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]),
+                                                            remote_feats, run, run.clients[c], args, lam,
+                                                            watch=run.is_eval_round(rnd))
                 ptrs[c] = ptr
                 z, pick = upload_features(key_enc, run, run.clients[c], args.remote_features)   # step 1
-                if z is not None:
-                    new_feats[c, :len(z)], new_y[c, :len(z)], new_counts[c] = z, run.data.train_y[pick], len(z)
-                states.append({k: v.clone() for k, v in worker.state_dict().items()})       # step 1: model
-                losses.append(loss), nms.append(nm)
-                images, down_rows = images + imgs, down_rows + len(rows)
+                uploads[c] = (z, run.data.train_y[pick].tolist())  # features; labels only for the diagnostic
+                states[c] = {k: v.clone() for k, v in worker.state_dict().items()}       # step 1: model
+                losses[c], nms[c], down_rows[c] = loss.item(), nm.item(), len(rows)
                 if run.is_eval_round(rnd):
-                    diags.append(dg)
-                    fn.append(fn_ratio(run.data.train_y[run.clients[c]], queue_y[c],
-                                       feat_y.flatten()[rows], run.data.num_classes))
+                    fn = fn_ratio(run.data.train_y[run.clients[c]], queue_y[c], feat_y.flatten()[rows],
+                                  run.data.num_classes)
+                    watch[c] = (dg.tolist(), [f.item() for f in fn])
+        states, uploads, losses, nms, images, down_rows, watch = run.gather(   # torchrun: every sampled client's
+            states, uploads, losses, nms, images, down_rows, watch)
+        for c, (z, y) in uploads.items():                         # step 1 arrives at the server
+            if z is not None:
+                new_feats[c, :len(z)], new_y[c, :len(z)], new_counts[c] = z, torch.tensor(y), len(z)
         weights = run.sizes[picked] if args.weighted else None
-        model.load_state_dict(common.fedavg(states, weights))     # step 2: the server, FedAvg
+        model.load_state_dict(common.fedavg(list(states.values()), weights))     # step 2: the server, FedAvg
         feats.copy_(new_feats), feat_y.copy_(new_y), counts.copy_(new_counts)   # kept for one round
         comm = dict(model_bytes_up=model_bytes, model_bytes_down=model_bytes,   # per client, this round
                     feature_bytes_up=new_counts[picked].sum() * d * feats.element_size() / len(picked),
-                    feature_bytes_down=down_rows * d * feats.element_size() / len(picked))
-        if fn:
-            comm.update(fn_ratio_local=torch.stack([f[0] for f in fn]).mean(),
-                        fn_ratio_fused=torch.stack([f[1] for f in fn]).mean())
-            beats_queue, beats_batch, mass = torch.stack(diags).mean(0)
+                    feature_bytes_down=sum(down_rows.values()) * d * feats.element_size() / len(picked))
+        if watch:
+            diags, fn = np.array([w[0] for w in watch.values()]), np.array([w[1] for w in watch.values()])
+            comm.update(fn_ratio_local=fn[:, 0].mean(), fn_ratio_fused=fn[:, 1].mean())
+            beats_queue, beats_batch, mass = diags.mean(0)
             comm.update(pos_beats_queue=beats_queue, pos_beats_batch=beats_batch, remote_mass=mass)
-        run.log(rnd, loss=torch.stack(losses).mean(), images=images, encoder=model.encoder,
-                loss_nm=torch.stack(nms).mean(), nm_weight=lam, **comm)
+        run.log(rnd, loss=np.mean(list(losses.values())), images=sum(images.values()), encoder=model.encoder,
+                loss_nm=np.mean(list(nms.values())), nm_weight=lam, **comm)
     last = run.history[-1]
     run.finish(model.encoder, **{k: v for k, v in last.items() if k.startswith("fn_ratio") or "bytes" in k})
 

@@ -22,7 +22,9 @@ FLAGS = {"fedavg_cl.py": [*BUDGET, "--clients", "4", "--participation", "0.75"],
          "dec_ssl.py": [*BUDGET, "--clients", "4", "--participation", "0.75", "--featarc", "true", "--clusters", "2"],
          "fed_cluster.py": [*BUDGET, "--rounds", "4", "--cluster-rounds", "2", "--clients", "4", "--participation", "0.75",
                             "--keep-target", "true"],                              # both stages, targets kept per client
-         "gossip_cl.py": [*BUDGET, "--clients", "3"]}
+         "gossip_cl.py": [*BUDGET, "--clients", "3"],
+         "feature_fusion.py": [*BUDGET, "--clients", "4", "--participation", "0.75"],
+         "neighborhood_match.py": [*BUDGET, "--clients", "4", "--participation", "0.75", "--nm-warmup", "0.5"]}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FEDSSL_DIST_TIMEOUT": "30"}
 TOL = 1e-6     # the stated tolerance; on one CPU build the numbers come out bit-for-bit equal
 
@@ -118,6 +120,9 @@ def test_two_processes_give_the_numbers_of_one_process(script, one_process, tmp_
     elif script == "gossip_cl.py":                               # every client's row of the weight stacks
         rows = state["weights"].nbytes + state["counters"].nbytes
         assert [m["upload_bytes"] for m in metrics] == [rows] * len(metrics)
+    elif "feature_bytes_up" in metrics[0]:                       # feature fusion: 3 clients' models and features
+        assert [m["upload_bytes"] for m in metrics] == [3 * (m["model_bytes_up"] + m["feature_bytes_up"]) for m in metrics]
+        assert metrics[0]["feature_bytes_up"] > 0
     else:                                                        # what crossed = 3 sampled clients' state dicts
         model = state["model"] if "model" in state else {k: v for k, v in state["clusters"].items() if k[0] == "0"}
         assert [m["upload_bytes"] for m in metrics] == [3 * common.state_bytes(model)] * len(metrics)
@@ -174,7 +179,7 @@ def test_a_killed_process_stops_the_others_without_a_summary(tmp_path):
 
 
 def test_a_method_not_distributed_yet_refuses_torchrun(tmp_path):
-    proc, folders = run_torchrun("feature_fusion.py", *BUDGET, out=tmp_path / "runs")
+    proc, folders = run_torchrun("mocosfl.py", *BUDGET, out=tmp_path / "runs")
     assert proc.returncode != 0 and not folders
-    assert proc.stderr.count("error: feature_fusion.py is not distributed yet") == 1    # once, by process 0
+    assert proc.stderr.count("error: mocosfl.py is not distributed yet") == 1    # once, by process 0
     assert "exitcode  : 2" in proc.stderr                          # torchrun's report: the processes exit 2
