@@ -46,7 +46,12 @@ class World:
     def __init__(self, device: torch.device):
         self.size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.timeout_s = float(os.environ.get("FEDSSL_DIST_TIMEOUT", "300"))
+        try:
+            self.timeout_s = float(os.environ.get("FEDSSL_DIST_TIMEOUT", "300"))
+        except ValueError:
+            print(f"error: FEDSSL_DIST_TIMEOUT must be a number of seconds (got {os.environ['FEDSSL_DIST_TIMEOUT']!r})",
+                  file=sys.stderr, flush=True)
+            sys.exit(2)
         self.device = device
         if self.size > 1 and not dist.is_initialized():
             if device.type == "cuda":
