@@ -101,8 +101,8 @@ def main():
             losses[c] = loss.item()
             if run.is_eval_round(rnd):
                 monitor[c] = run.monitor(models[c].encoder)
-        losses, images = run.gather(losses, images)               # numbers for the log: no model leaves a client
-        monitor = list(run.gather(monitor).values()) if run.is_eval_round(rnd) else []
+        losses, images, monitor = run.gather(losses, images, monitor)   # numbers for the log: no model leaves a client
+        monitor = list(monitor.values())
         run.log(rnd, loss=np.mean(list(losses.values())), images=sum(images.values()),
                 **{k: np.mean([m[k] for m in monitor]) for k in (monitor[0] if monitor else ())})
     per_client = list(run.gather({c: run.evaluate(models[c].encoder) for c in mine}).values())
