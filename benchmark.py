@@ -81,7 +81,7 @@ METHODS = {
     "mocosfl": ("mocosfl", [], "sfl"),
     "fed_cluster": ("fed_cluster", [], "byol"),
 }
-SECTIONS = ("ratio", "pipeline", "scale")
+SECTIONS = ("ratio", "pipeline", "scale", "profile")
 
 
 @dataclass
@@ -94,8 +94,8 @@ class Args:
     """auto | cpu | cuda"""
     methods: str = "all"
     """comma-separated rows of the efficiency table (all = every method file)"""
-    sections: str = "ratio,pipeline,scale"
-    """which measurements: ratio, pipeline, scale"""
+    sections: str = "ratio,pipeline,scale,profile"
+    """which measurements: ratio, pipeline, scale, profile (operator counts)"""
     repeats: int = 0
     """timed blocks per figure; 0 = 5 (--quick: 2)"""
     train_size: int = 0
@@ -539,6 +539,143 @@ def measure_scale(args: Args, device, tmp: Path) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
+# Profile: operator counts (load-independent) of the loop, per-client work and augmentation
+# ----------------------------------------------------------------------------------------------
+
+# aten ops that only make a view or an empty tensor: no kernel runs for them, so they are not counted
+NO_KERNEL = {"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::as_strided", "aten::expand", "aten::t",
+             "aten::transpose", "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select",
+             "aten::detach", "aten::alias", "aten::empty", "aten::empty_strided", "aten::empty_like",
+             "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh", "aten::unbind", "aten::split",
+             "aten::chunk", "aten::narrow", "aten::expand_as", "aten::view_as", "aten::flatten", "aten::numpy_T",
+             "aten::contiguous", "aten::result_type", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense",
+             "aten::set_", "aten::_reshape_alias", "aten::unflatten", "aten::split_with_sizes", "aten::diagonal"}
+
+
+def kernel_ops(events) -> int:
+    """Leaf aten ops that compute (the CPU analogue of kernel launches: on a GPU each launches >= 1 kernel)."""
+    n = 0
+    for e in events:
+        if e.name.startswith("aten::") and e.name not in NO_KERNEL and \
+                not any(c.name.startswith("aten::") for c in e.cpu_children):
+            n += 1
+    return n
+
+
+def profiled(fn, repeats: int = 1):
+    """(kernel ops per call, wall microseconds per call under the profiler) of fn()."""
+    fn()                                                               # warm-up outside the profile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        us = (time.perf_counter() - t) * 1e6 / repeats
+    return kernel_ops(prof.events()) / repeats, us
+
+
+@contextlib.contextmanager
+def profile_round(k: int):
+    """Profile round k of the next method run (common.Run.rounds patched for the run); fills the dict
+    with that round's events and images."""
+    real, box = common.Run.rounds, {}
+
+    def rounds(self, state):
+        for rnd in real(self, state):
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if rnd == k else None
+            if prof:
+                prof.__enter__()
+            yield rnd
+            if prof:
+                prof.__exit__(None, None, None)
+                box.update(events=prof.events(), images=self.history[-1]["images"])
+
+    common.Run.rounds = rounds
+    try:
+        yield box
+    finally:
+        common.Run.rounds = real
+
+
+def profile_flags(args: Args, name: str, device) -> list:
+    """A short run for the counts: 3 rounds (round 2 is profiled; rounds 1 and 3 carry the kNN monitor)."""
+    flags = ["--train-size", 512 if args.quick else 1024, "--test-size", 100, "--clients", 2, "--partition", "iid",
+             "--rounds", 3, "--eval-every", 10 ** 6, "--probe-epochs", 1, "--device", device.type, *METHODS[name][1]]
+    if args.batch_size and name != "mocosfl":
+        flags += ["--batch-size", args.batch_size]
+    return list(map(str, flags))
+
+
+def measure_profile(args: Args, device, tmp: Path) -> dict:
+    """Kernel ops per training step of each method's loop beyond its bare step, the per-client pieces of
+    FedAvg's loop (ops and microseconds) and the augmentation's cost per view. Counts do not depend on the
+    machine's load; the microseconds do (and include the profiler's own overhead)."""
+    rows = []
+    for name in args.method_list:
+        module = METHODS[name][0]
+        flags = profile_flags(args, name, device)
+        spec = spec_for(name, dry_config(module, flags))
+        step, views = bare_step(spec, device)
+        bare_ops, _ = profiled(step, repeats=2)
+        with profile_round(2) as box:
+            run_method(module, flags, tmp / f"profile-{name}")
+        steps = box["images"] / views                                   # bare steps' worth of images
+        loop_ops = kernel_ops(box["events"]) / steps
+        rows.append({"method": name, "steps": steps, "bare_ops_per_step": bare_ops, "loop_ops_per_step": loop_ops,
+                     "extra_ops_per_step": loop_ops - bare_ops, "command": f"python {module}.py {shlex.join(flags)}"})
+        print(f"  {name}: {loop_ops:.0f} ops per step in the loop, {bare_ops:.0f} in the bare step",
+              file=sys.stderr, flush=True)
+    return {"methods": rows, "per_client": per_client_costs(device), "augment": augment_costs(device)}
+
+
+def per_client_costs(device) -> dict:
+    """What fedavg_cl does once per client, at its default sizes: download (load the global state), a fresh
+    optimizer (creation and its first step's state allocation, beyond a normal step), the upload copy, and the client's share of FedAvg
+    over 10 and 1000 uploads."""
+    import fedavg_cl
+    a = fedavg_cl.Args()
+    model = fedavg_cl.SimCLR(common.make_encoder(a, 1), a.proj_dim).to(device)
+    worker = copy.deepcopy(model)
+    for p in worker.parameters():
+        p.grad = torch.zeros_like(p)
+    out = {}
+
+    warm = common.make_optimizer(worker.parameters(), a)
+
+    def fresh_optimizer():               # Adam allocates its moments on its first step
+        common.make_optimizer(worker.parameters(), a).step()
+
+    def upload():
+        return {k: v.clone() for k, v in worker.state_dict().items()}
+
+    pieces = {"download": lambda: worker.load_state_dict(model.state_dict()), "fresh_optimizer": fresh_optimizer,
+              "upload_copy": upload}
+    for key, fn in pieces.items():
+        ops, us = profiled(fn, repeats=5)
+        out[key] = {"ops": ops, "us": us}
+    ops, us = profiled(warm.step, repeats=5)       # the step itself belongs to the bare step: not counted
+    out["fresh_optimizer"] = {"ops": out["fresh_optimizer"]["ops"] - ops, "us": out["fresh_optimizer"]["us"] - us}
+    for n in (10, 1000):
+        states = [upload() for _ in range(n)]
+        ops, us = profiled(lambda: common.fedavg(states), repeats=1)
+        out[f"fedavg_share_of_{n}"] = {"ops": ops / n, "us": us / n}
+    out["state_tensors"] = len(model.state_dict())
+    return out
+
+
+def augment_costs(device) -> dict:
+    """One Augment call on a batch of 128 (Fashion-MNIST 1x28x28 and an RGB 3x32x32 batch): kernel ops per
+    call and microseconds per view."""
+    out = {}
+    for label, c, s in (("gray_28", 1, 28), ("rgb_32", 3, 32)):
+        x = torch.randint(0, 256, (128, c, s, s), dtype=torch.uint8, device=device)
+        data = common.Data(x, None, x, None, 10, (0.5,) * c, (0.25,) * c)
+        aug = common.Augment(data)
+        ops, us = profiled(lambda: aug(x), repeats=10)
+        out[label] = {"ops_per_call": ops, "us_per_view": us / len(x)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
 
@@ -579,7 +716,24 @@ def markdown(res: dict) -> str:
             rs = [r for r in res["scale"] if r["method"] == m]
             out.append(f"| {m} | " + " | ".join(fmt(r) for r in rs) + " | " +
                        ", ".join(str(r["batch_per_client"]) for r in rs) + " |")
+        f = {r["clients"]: r["images_per_s"] for r in res["scale"] if r["method"] == "fedavg_cl"}
+        if len(f) > 1:
+            out += [f"fedavg_cl with {max(f)} clients runs at {f[max(f)] / f[min(f)]:.2f} of its {min(f)}-client "
+                    "throughput for the same images.", ""]
         out.append("")
+    if "profile" in res:
+        p = res["profile"]
+        out += ["Operator counts (torch.profiler, CPU activities; leaf aten ops that compute, the CPU analogue of "
+                "GPU kernel launches; counts do not depend on the load, microseconds do):", "",
+                "| method | ops per step, bare | ops per step, in the loop | beyond the bare step |", "|---|---|---|---|"]
+        out += [f"| {r['method']} | {r['bare_ops_per_step']:.0f} | {r['loop_ops_per_step']:.0f} | "
+                f"{r['extra_ops_per_step']:.0f} |" for r in p["methods"]]
+        c = p["per_client"]
+        out += ["", f"Per-client work in fedavg_cl ({c['state_tensors']} state tensors): " + ", ".join(
+            f"{k.replace('_', ' ')} {v['ops']:.0f} ops / {v['us']:.0f} us" for k, v in c.items() if isinstance(v, dict)),
+                "", "Augmentation (batch 128): " + ", ".join(
+            f"{k} {v['ops_per_call']:.0f} ops per call / {v['us_per_view']:.1f} us per view" for k, v in p["augment"].items()),
+                ""]
     return "\n".join(out)
 
 
@@ -610,7 +764,8 @@ def main(argv=None):
         t0, res["section_s"] = time.time(), {}
         for name, fn in (("ratio", lambda: measure_ratios(args, device, Path(tmp), fast, compile_)),
                          ("pipeline", lambda: measure_pipeline(args, device)),
-                         ("scale", lambda: measure_scale(args, device, Path(tmp)))):
+                         ("scale", lambda: measure_scale(args, device, Path(tmp))),
+                         ("profile", lambda: measure_profile(args, device, Path(tmp)))):
             if name in args.section_list:
                 print(f"{name} ...", file=sys.stderr, flush=True)
                 t = time.time()
