@@ -807,8 +807,20 @@ def mlp(dims: list[int], bn: bool = True, last_bn: bool = False) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-def make_optimizer(params, args: RunArgs, lr: float | None = None):
+def make_optimizer(params, args: RunArgs, lr: float | None = None, reuse=None):
+    """A fresh optimizer (FedAvg: one per client per round). reuse: one this function made before for the same
+    parameters, handed back as a fresh one without new allocations: its state (Adam's moments and step count,
+    SGD's momentum buffers) zeroed in place, which is exactly where a new optimizer starts (tests)."""
     lr = args.lr if lr is None else lr
+    if reuse is not None:
+        if [id(p) for p in params] != [id(p) for g in reuse.param_groups for p in g["params"]]:
+            raise ValueError("make_optimizer(reuse=...) needs the parameters the reused optimizer was made for")
+        for group in reuse.param_groups:
+            group["lr"] = lr
+        state = [t for st in reuse.state.values() for t in st.values() if torch.is_tensor(t)]
+        if state:
+            torch._foreach_zero_(state)
+        return reuse
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     return torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay)

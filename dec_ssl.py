@@ -205,10 +205,10 @@ def ssl_step(model: SSLModel, v1, v2, args: Args, queue):
     return moco_loss(z1, z2, t1, t2, queue, args.moco_tau), z1, z2, F.normalize(torch.cat([t1, t2]), dim=1)
 
 
-def local_update(model: SSLModel, run: common.Run, idx, args: Args, lr: float, anchors=None):
-    """E epochs on one client's images with a fresh optimizer; with anchors (FeatARC) the alignment term
-    is added. Returns (mean loss, images processed)."""
-    opt = common.make_optimizer([p for p in model.parameters() if p.requires_grad], args, lr=lr)
+def local_update(model: SSLModel, run: common.Run, idx, args: Args, lr: float, anchors=None, opt=None):
+    """E epochs on one client's images with a fresh optimizer (opt: the previous client's, reset in place to
+    a fresh one's state); with anchors (FeatARC) the alignment term is added. Returns (mean loss, images)."""
+    opt = common.make_optimizer([p for p in model.parameters() if p.requires_grad], args, lr=lr, reuse=opt)
     queue = torch.zeros(0, model.out_dim, device=run.device)          # MoCo: local, empty at every round
     loss_sum, steps, images = torch.zeros((), device=run.device), 0, 0
     for _ in range(args.local_epochs):
@@ -293,6 +293,7 @@ def main():
     clusters = nn.ModuleList([SSLModel(args, common.make_encoder(args, run.data.channels))
                               for _ in range(C)]).to(run.device)        # initialised independently
     worker = copy.deepcopy(clusters[0])                                 # re-loaded for every client
+    opt = common.make_optimizer([p for p in worker.parameters() if p.requires_grad], args)   # reset per client
     state = {"clusters": clusters}
     if args.featarc:    # every client's last local backbone; client k starts as a copy of cluster k mod C
         state["local"] = last_local = nn.ModuleList(
@@ -310,7 +311,7 @@ def main():
             worker.load_state_dict(clusters[assign[c]].state_dict())    # download
             if args.target == "reset" and worker.target is not None:
                 worker.reset_target()
-            loss, n = local_update(worker, run, idx, args, lr, anchors if args.featarc else None)
+            loss, n = local_update(worker, run, idx, args, lr, anchors if args.featarc else None, opt)
             uploads[c] = {k: v.clone() for k, v in worker.state_dict().items()}    # upload, keyed by id
             if args.featarc:
                 last_local[c].load_state_dict(worker.encoder.state_dict())

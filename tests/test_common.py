@@ -1,4 +1,5 @@
 """common.py against independent references: losses, aggregation, kNN, partitions, augmentation, data."""
+import copy
 import gzip
 import math
 import pickle
@@ -340,6 +341,32 @@ def test_fused_augment_equals_the_step_by_step_definition(channels):
     ref = reference_augment(aug, x, u)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()   # float rounding: ~3e-5
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_reused_optimizer_reset_in_place_trains_like_a_fresh_one(optimizer):
+    """Three clients in turn, 3 steps each from the same global weights: an optimizer handed back by
+    make_optimizer(reuse=...) gives bit-identical weights to a new optimizer per client."""
+    args = common.RunArgs(optimizer=optimizer, lr=0.05, weight_decay=1e-4)
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2))
+    data = [torch.randn(3, 8, 6) for _ in range(3)]
+    fresh, reused = copy.deepcopy(start), copy.deepcopy(start)
+    kept = common.make_optimizer(list(reused.parameters()), args)
+    for c, batches in enumerate(data):
+        for model in (fresh, reused):
+            model.load_state_dict(start.state_dict())                  # every client starts from the global model
+            opt = common.make_optimizer(list(model.parameters()), args, lr=0.05 / (c + 1),
+                                        reuse=kept if model is reused else None)
+            for x in batches:
+                opt.zero_grad(set_to_none=True)
+                model(x).pow(2).sum().backward()
+                opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), reused.parameters())), c
+        assert opt is kept and opt.param_groups[0]["lr"] == 0.05 / (c + 1)
+    assert not torch.equal(fresh[0].weight, start[0].weight)
+    with pytest.raises(ValueError):
+        common.make_optimizer(list(start.parameters()), args, reuse=kept)
 
 
 # --- encoders --------------------------------------------------------------------------------

@@ -295,14 +295,14 @@ def test_featarc_round_loop_uses_the_rule_trains_from_and_aligns_to_the_assigned
         seen.append((own.clone(), [f.clone() for f in cluster_feats]))
         return 1
 
-    def update(model, run, idx, args, lr, anchors=None):
+    def update(model, run, idx, args, lr, anchors=None, opt=None):
         own, feats = seen[-1]
         key = int(idx[0])
         assert torch.allclose(dec_ssl.clean_features(model.encoder, run, idx), feats[1], atol=1e-5)  # starts from 1
         assert torch.equal(anchors[idx], feats[1])                                                  # anchored to 1
         if key in trained:                                            # round 2: compared its own last model
             assert torch.allclose(own, trained[key], atol=1e-5)
-        out = real_update(model, run, idx, args, lr, anchors)
+        out = real_update(model, run, idx, args, lr, anchors, opt)
         trained[key] = dec_ssl.clean_features(model.encoder, run, idx)
         uploads.append({k: v.clone() for k, v in model.state_dict().items()})
         return out
@@ -334,9 +334,9 @@ def test_byol_target_at_download_and_unweighted_server_mean(target, monkeypatch,
     entries, uploads = [], []
     real_update = dec_ssl.local_update
 
-    def update(model, run, idx, args, lr, anchors=None):
+    def update(model, run, idx, args, lr, anchors=None, opt=None):
         entries.append({k: v.clone() for k, v in model.state_dict().items()})
-        out = real_update(model, run, idx, args, lr, anchors)
+        out = real_update(model, run, idx, args, lr, anchors, opt)
         uploads.append({k: v.clone() for k, v in model.state_dict().items()})
         return out
 
