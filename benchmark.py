@@ -48,6 +48,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import inspect
 import io
 import json
 import os
@@ -629,7 +630,8 @@ def measure_profile(args: Args, device, tmp: Path) -> dict:
 
 def per_client_costs(device) -> dict:
     """What fedavg_cl does once per client, at its default sizes: download (load the global state), a fresh
-    optimizer (creation and its first step's state allocation, beyond a normal step), the upload copy, and the client's share of FedAvg
+    optimizer (creation and its first step's state allocation, beyond a normal step) or the in-place reset of
+    one (make_optimizer(reuse=...)), the upload copy, and the client's share of FedAvg
     over 10 and 1000 uploads."""
     import fedavg_cl
     a = fedavg_cl.Args()
@@ -654,6 +656,9 @@ def per_client_costs(device) -> dict:
         out[key] = {"ops": ops, "us": us}
     ops, us = profiled(warm.step, repeats=5)       # the step itself belongs to the bare step: not counted
     out["fresh_optimizer"] = {"ops": out["fresh_optimizer"]["ops"] - ops, "us": out["fresh_optimizer"]["us"] - us}
+    if "reuse" in inspect.signature(common.make_optimizer).parameters:      # the in-place reset the loops use
+        r_ops, r_us = profiled(lambda: common.make_optimizer(list(worker.parameters()), a, reuse=warm).step(), repeats=5)
+        out["optimizer_reset"] = {"ops": r_ops - ops, "us": r_us - us}
     for n in (10, 1000):
         states = [upload() for _ in range(n)]
         ops, us = profiled(lambda: common.fedavg(states), repeats=1)

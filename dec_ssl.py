@@ -247,7 +247,25 @@ def client_indices(run: common.Run, c: int, args: Args):
 
 def clean_features(encoder, run: common.Run, idx):
     """L2-normalised backbone features of un-augmented images (eval mode)."""
-    return F.normalize(common.features(encoder, run.data.train_x[idx], run.augment), dim=1)
+    return clean_features_of([encoder], run, idx)[0]
+
+
+@torch.no_grad()
+def clean_features_of(encoders, run: common.Run, idx, batch: int = 128):
+    """clean_features under several encoders in one pass over the images: they are normalised once, and
+    each chunk goes through every encoder while it is in the cache (chunks of 128: on a 2-core CPU an
+    eval pass is about 2x faster than in chunks of 1024)."""
+    x = run.augment.plain(run.data.train_x[idx])
+    was = [e.training for e in encoders]
+    feats = [[] for _ in encoders]
+    for e in encoders:
+        e.eval()
+    for i in range(0, len(x), batch):
+        for f, e in zip(feats, encoders):
+            f.append(e(x[i:i + batch]).float())
+    for e, w in zip(encoders, was):
+        e.train(w)
+    return [F.normalize(torch.cat(f), dim=1) for f in feats]
 
 
 def assign_cluster(own, cluster_feats) -> int:
@@ -258,8 +276,8 @@ def assign_cluster(own, cluster_feats) -> int:
 def featarc_choose(last_local, clusters, run: common.Run, idx):
     """FeatARC on one client: (cluster j whose features align best with the client's last local model's,
     anchors a_i = cluster j's clean backbone features of the client's images)."""
-    cluster_feats = [clean_features(m.encoder, run, idx) for m in clusters]
-    j = assign_cluster(clean_features(last_local, run, idx), cluster_feats)
+    own, *cluster_feats = clean_features_of([last_local, *(m.encoder for m in clusters)], run, idx)
+    j = assign_cluster(own, cluster_feats)
     return j, cluster_feats[j]
 
 
