@@ -630,9 +630,9 @@ def measure_profile(args: Args, device, tmp: Path) -> dict:
 
 def per_client_costs(device) -> dict:
     """What fedavg_cl does once per client, at its default sizes: download (load the global state), a fresh
-    optimizer (creation and its first step's state allocation, beyond a normal step) or the in-place reset of
-    one (make_optimizer(reuse=...)), the upload copy, and the client's share of FedAvg
-    over 10 and 1000 uploads."""
+    optimizer and its first step (which allocates Adam's moments) or the in-place reset of one
+    (make_optimizer(reuse=...)) and its first step, against a normal step; the upload copy, and the
+    client's share of FedAvg over 10 and 1000 uploads."""
     import fedavg_cl
     a = fedavg_cl.Args()
     model = fedavg_cl.SimCLR(common.make_encoder(a, 1), a.proj_dim).to(device)
@@ -640,25 +640,21 @@ def per_client_costs(device) -> dict:
     for p in worker.parameters():
         p.grad = torch.zeros_like(p)
     out = {}
-
-    warm = common.make_optimizer(worker.parameters(), a)
-
-    def fresh_optimizer():               # Adam allocates its moments on its first step
-        common.make_optimizer(worker.parameters(), a).step()
+    warm = common.make_optimizer(list(worker.parameters()), a)
 
     def upload():
         return {k: v.clone() for k, v in worker.state_dict().items()}
 
-    pieces = {"download": lambda: worker.load_state_dict(model.state_dict()), "fresh_optimizer": fresh_optimizer,
-              "upload_copy": upload}
-    for key, fn in pieces.items():
-        ops, us = profiled(fn, repeats=5)
-        out[key] = {"ops": ops, "us": us}
-    ops, us = profiled(warm.step, repeats=5)       # the step itself belongs to the bare step: not counted
-    out["fresh_optimizer"] = {"ops": out["fresh_optimizer"]["ops"] - ops, "us": out["fresh_optimizer"]["us"] - us}
+    pieces = {"download": lambda: worker.load_state_dict(model.state_dict()), "upload_copy": upload,
+              "optimizer_step": warm.step,           # a normal step: part of the bare step, the baseline of the next two
+              # Adam allocates its moments on a new optimizer's first step
+              "fresh_optimizer_and_step": lambda: common.make_optimizer(worker.parameters(), a).step()}
     if "reuse" in inspect.signature(common.make_optimizer).parameters:      # the in-place reset the loops use
-        r_ops, r_us = profiled(lambda: common.make_optimizer(list(worker.parameters()), a, reuse=warm).step(), repeats=5)
-        out["optimizer_reset"] = {"ops": r_ops - ops, "us": r_us - us}
+        pieces["reset_optimizer_and_step"] = lambda: common.make_optimizer(list(worker.parameters()), a,
+                                                                           reuse=warm).step()
+    for key, fn in pieces.items():
+        ops, us = profiled(fn, repeats=20)
+        out[key] = {"ops": ops, "us": us}
     for n in (10, 1000):
         states = [upload() for _ in range(n)]
         ops, us = profiled(lambda: common.fedavg(states), repeats=1)
