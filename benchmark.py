@@ -105,6 +105,10 @@ class Args:
     """batch of the in-loop runs and their bare steps; 0 = each method's default (--quick: 32)"""
     scale_images: int = 0
     """images per round in the scale measurement; 0 = 10000 (--quick: 1000, and 10/100 clients only)"""
+    scale_clients: str = ""
+    """client counts of the scale measurement, comma-separated; empty = 10,100,1000 (--quick: 10,100)"""
+    scale_methods: str = "fedavg_cl,mocosfl"
+    """methods of the scale measurement (fedavg_cl, mocosfl)"""
     workers: int = 2
     """DataLoader worker processes of the torchvision pipeline"""
     gpu_extras: str = "auto"
@@ -137,12 +141,18 @@ class Args:
         self.train_size = self.train_size or (128 if self.quick else 2048)
         self.batch_size = self.batch_size or (32 if self.quick else 0)
         self.scale_images = self.scale_images or (1000 if self.quick else 10000)
-        if self.scale_images < 2 * max(self.scale_clients):
-            common.fail(f"--scale-images must be at least {2 * max(self.scale_clients)}: "
-                        f"{max(self.scale_clients)} clients need 2 images each (got {self.scale_images})")
+        if self.scale_clients and not all(c.isdigit() and int(c) > 0 for c in self.scale_clients.split(",")):
+            common.fail(f"--scale-clients must be positive integers separated by commas (got {self.scale_clients!r})")
+        if not self.scale_methods or not set(self.scale_methods.split(",")) <= {"fedavg_cl", "mocosfl"}:
+            common.fail(f"--scale-methods: choose from fedavg_cl, mocosfl (got {self.scale_methods!r})")
+        if self.scale_images < 2 * max(self.scale_counts):
+            common.fail(f"--scale-images must be at least {2 * max(self.scale_counts)}: "
+                        f"{max(self.scale_counts)} clients need 2 images each (got {self.scale_images})")
 
     @property
-    def scale_clients(self):
+    def scale_counts(self):
+        if self.scale_clients:
+            return tuple(int(c) for c in self.scale_clients.split(","))
         return (10, 100) if self.quick else (10, 100, 1000)
 
     @property
@@ -390,7 +400,7 @@ def ratio_flags(args: Args, name: str, device) -> list:
 def scale_flags(args: Args, clients: int, device) -> list:
     """The command line of fedavg_cl's run with `clients` clients in the scale section."""
     n = args.scale_images
-    batch = max(2, n // max(args.scale_clients))     # the most clients' whole client data: one batch each
+    batch = max(2, n // max(args.scale_counts))     # the most clients' whole client data: one batch each
     return list(map(str, ["--train-size", n, "--test-size", 100, "--clients", clients, "--partition", "iid",
                           "--batch-size", batch, "--rounds", 2 if args.quick else 3, "--eval-every", 10 ** 6,
                           "--probe-epochs", 1, "--device", device.type]))
@@ -400,7 +410,7 @@ def preflight(args: Args, device):
     """Every run the benchmark will start goes through its script's own checks first: a bad value
     stops here, before minutes of measurements."""
     runs = [(METHODS[n][0], ratio_flags(args, n, device)) for n in args.method_list if "ratio" in args.section_list]
-    runs += [("fedavg_cl", scale_flags(args, c, device)) for c in args.scale_clients if "scale" in args.section_list]
+    runs += [("fedavg_cl", scale_flags(args, c, device)) for c in args.scale_counts if "scale" in args.section_list]
     for module, flags in runs:
         try:
             dry_config(module, flags)
@@ -524,18 +534,20 @@ def simclr_on_views(spec: BareSpec, device):
 def measure_scale(args: Args, device, tmp: Path) -> list:
     import mocosfl
     rows, n = [], args.scale_images
-    batch = max(2, n // max(args.scale_clients))     # the most clients' whole client data: one batch each
-    for clients in args.scale_clients:
-        flags = scale_flags(args, clients, device)
-        folder = run_method("fedavg_cl", flags, tmp / f"scale-fedavg-{clients}")
-        rows.append({"method": "fedavg_cl", "clients": clients, "images": n, "batch_per_client": batch,
-                     **in_loop_rate(folder)})
-        rates = [mocosfl.train_images_per_s(clients, n, device) for _ in range(max(1, args.repeats // 2))]
-        pool = clients if clients < 200 else 100
-        rows.append({"method": "mocosfl", "clients": clients, "images": n, "batch_per_client": max(1, 100 // pool),
-                     **summarise(rates)})
-        print(f"  {clients} clients: fedavg_cl {rows[-2]['images_per_s']:.0f}/s, mocosfl {rows[-1]['images_per_s']:.0f}/s",
-              file=sys.stderr, flush=True)
+    batch = max(2, n // max(args.scale_counts))     # the most clients' whole client data: one batch each
+    methods = args.scale_methods.split(",")
+    for clients in args.scale_counts:
+        if "fedavg_cl" in methods:
+            folder = run_method("fedavg_cl", scale_flags(args, clients, device), tmp / f"scale-fedavg-{clients}")
+            rows.append({"method": "fedavg_cl", "clients": clients, "images": n, "batch_per_client": batch,
+                         **in_loop_rate(folder)})
+        if "mocosfl" in methods:
+            rates = [mocosfl.train_images_per_s(clients, n, device) for _ in range(max(1, args.repeats // 2))]
+            pool = clients if clients < 200 else 100
+            rows.append({"method": "mocosfl", "clients": clients, "images": n,
+                         "batch_per_client": max(1, 100 // pool), **summarise(rates)})
+        print(f"  {clients} clients: " + ", ".join(f"{r['method']} {r['images_per_s']:.0f}/s" for r in rows
+                                                   if r["clients"] == clients), file=sys.stderr, flush=True)
     return rows
 
 
@@ -715,6 +727,8 @@ def markdown(res: dict) -> str:
                 "|---|" + "---|" * len(counts) + "---|"]
         for m in ("fedavg_cl", "mocosfl"):
             rs = [r for r in res["scale"] if r["method"] == m]
+            if not rs:
+                continue
             out.append(f"| {m} | " + " | ".join(fmt(r) for r in rs) + " | " +
                        ", ".join(str(r["batch_per_client"]) for r in rs) + " |")
         f = {r["clients"]: r["images_per_s"] for r in res["scale"] if r["method"] == "fedavg_cl"}
