@@ -6,8 +6,10 @@ taken under the same load on the same device:
 1. Efficiency ratio, per method file = in-loop training images/s / bare-step images/s.
    In-loop: the method's own main() runs here with a small budget and writes metrics.jsonl; common.Run
    times each round without its kNN evaluation, so the figure includes augmentation, batching, client
-   switching (state-dict loads, fresh optimizers), aggregation and logging. We take the median over the
-   rounds after the first (the first one warms up allocators).
+   switching (state-dict loads, optimizer resets), aggregation and logging. After every round (outside
+   its timing) one block of bare steps of about a round's images is timed, and the ratio is the median
+   over the rounds after the first (which warms up allocators) of round / the bare block after it: on a
+   shared machine the load drifts within minutes, and interleaving compares figures taken together.
    Bare step: forward + backward + optimizer step of the same encoder, head and loss at the same batch
    size, on two views already augmented and on the device, written here from common's pieces:
      simclr  encoder + MLP projector, both views in one batch, NT-Xent          local_cl, fedavg_cl, gossip_cl,
@@ -37,6 +39,11 @@ default layout for mocosfl, whose vmap needs it). With a GPU (or --gpu-extras tr
 bf16 autocast (and channels-last for mocosfl's too), and compiled with torch.compile (--compile); both as
 extra columns.
 
+4. Profile (torch.profiler, CPU activities): per method, the ops that compute (leaf aten ops, not views:
+   on a GPU each launches at least one kernel) per bare step and per step of its loop (one profiled round,
+   divided by its images in bare steps), so the difference is what the loop adds per step; fedavg_cl's
+   per-client pieces (download, fresh optimizer or in-place reset, upload copy, FedAvg share) in ops and
+   microseconds; and Augment's ops per call and microseconds per view. Counts do not depend on the load.
 Figures: median of --repeats timed blocks and their spread ((max - min) / median); the device is named.
 Run:      python benchmark.py                 (CPU: about 10 minutes; GPU: a few)
           python benchmark.py --quick         (under a minute on 2 cores; tiny budgets, noisy figures)
@@ -423,17 +430,21 @@ def measure_ratios(args: Args, device, tmp: Path, fast: bool, compile_: bool) ->
     for name in args.method_list:
         module, extra, kind = METHODS[name]
         flags = ratio_flags(args, name, device)
-        cfg = dry_config(module, flags)          # the bare step is timed before AND after the run:
-        spec = spec_for(name, cfg)               # the machine's load drifts, the median of both is fairer
+        spec = spec_for(name, dry_config(module, flags))
         step, views = bare_step(spec, device)
         steps = max(1, args.train_size // spec.batch)       # one timed block = about one round's steps
-        before = timed_rates(step, views, device, args.repeats, steps)
-        folder = run_method(module, flags, tmp / name)
-        bare = summarise(before + timed_rates(step, views, device, args.repeats, steps, warmup=0))
-        loop = in_loop_rate(folder)
+        timed_rates(step, views, device, 1, 1)               # warm-up
+        # the bare step is timed between the rounds of the run (after each round, outside its timing): the
+        # machine's load drifts, so each round is compared with the block next to it
+        with after_each_round(lambda: timed_rates(step, views, device, 1, steps, warmup=0)[0]) as after:
+            folder = run_method(module, flags, tmp / name)
+        rounds = [json.loads(line)["images_per_s"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        pairs = list(zip(rounds, after))[1:] or list(zip(rounds, after))        # round 1 warms up
+        loop, bare = summarise([p[0] for p in pairs]), summarise([p[1] for p in pairs])
         row = {"method": name, "bare_step": kind,
                "batch_images": spec.batch, "command": f"python {module}.py {shlex.join(flags)}",
-               "in_loop": loop, "bare": bare, "ratio": loop["images_per_s"] / bare["images_per_s"]}
+               "in_loop": loop, "bare": bare, "ratio": statistics.median(i / b for i, b in pairs),
+               "ratio_per_round": [i / b for i, b in pairs]}
         if fast:
             s, v = bare_step(spec, device, fast=True)
             row["bare_bf16_channels_last"] = timed_rate(s, v, device, args.repeats, steps)
@@ -584,6 +595,24 @@ def profiled(fn, repeats: int = 1):
             fn()
         us = (time.perf_counter() - t) * 1e6 / repeats
     return kernel_ops(prof.events()) / repeats, us
+
+
+@contextlib.contextmanager
+def after_each_round(fn):
+    """Call fn() after every round of the next method run, outside the round's timed part (common.Run.rounds
+    patched for the run); yields the list of its results, one per round."""
+    real, out = common.Run.rounds, []
+
+    def rounds(self, state):
+        for rnd in real(self, state):
+            yield rnd
+            out.append(fn())
+
+    common.Run.rounds = rounds
+    try:
+        yield out
+    finally:
+        common.Run.rounds = real
 
 
 @contextlib.contextmanager
