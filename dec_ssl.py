@@ -47,6 +47,10 @@ clients; its own cluster always aligns better, so assignments stay at k mod C an
 separate FedAvg runs on a fixed split (tests: test_featarc_rule_*). In the released code assignments
 move only BECAUSE of the indexing defect (clusters average the wrong clients' models), and then the two
 cluster models merge: their feature similarity goes 0.86 -> 0.997 in four rounds.
+Cost: the choice needs the clean features of the client's images under its last local model and under
+every cluster model, C + 1 eval passes per round; they run as ONE pass over the images (normalised once,
+each chunk of 128 through all C + 1 models), the same rule and the same choice as separate passes (test).
+With one local epoch that is still about a third of the round's compute on a CPU (benchmark.py).
 FeatARC's headline number is the MEAN over cluster models (no test-set selection); summary.json also gives
 every cluster and the best one picked by test linear accuracy, as the released code reports (optimistic).
 
