@@ -122,6 +122,10 @@ class Args:
     """bare step also with bf16 autocast (+ channels-last everywhere): auto (with a GPU) | true | false"""
     compile: str = "auto"
     """bare step also under torch.compile: auto (with a GPU) | true | false"""
+    render: str = ""
+    """measure nothing: print the markdown of this saved --json file (with --before: before/after columns)"""
+    before: str = ""
+    """a --json file of the same command on older code: its ratios, op counts and scale figures as extra columns"""
 
     def check(self):
         if self.device not in ("auto", "cpu", "cuda"):
@@ -696,6 +700,12 @@ def per_client_costs(device) -> dict:
     for key, fn in pieces.items():
         ops, us = profiled(fn, repeats=20)
         out[key] = {"ops": ops, "us": us}
+    acc = [torch.zeros_like(v) for v in worker.state_dict().values() if v.is_floating_point()]
+    floats = [v for v in worker.state_dict().values() if v.is_floating_point()]
+    # not used by the loops (aggregation stays a list of uploads + common.fedavg): what a streaming weighted
+    # sum into a preallocated buffer would cost per client instead of the upload copy and the FedAvg share
+    ops, us = profiled(lambda: torch._foreach_add_(acc, floats, alpha=0.5), repeats=20)
+    out["streaming_sum_alternative"] = {"ops": ops, "us": us}
     for n in (10, 1000):
         states = [upload() for _ in range(n)]
         ops, us = profiled(lambda: common.fedavg(states), repeats=1)
@@ -729,18 +739,31 @@ def fmt(r: dict) -> str:
     return f"{r['images_per_s']:.0f} (±{50 * r['spread']:.0f}%)"
 
 
-def markdown(res: dict) -> str:
-    out = [f"Device: {res['device']}; torch {res['torch']}; `{res['command']}`",
-           "Figures: images/s counting both views, median of repeats (± half the max-min spread).", ""]
+def markdown(res: dict, before: dict | None = None) -> str:
+    out = [f"Device: {res['device']}; torch {res['torch']}; `{res['command']}`"]
+    if "load" in res:
+        out.append(f"Load average (1 min) at the start and the end: {res['load'][0]:.1f}, {res['load'][1]:.1f} "
+                   f"on {os.cpu_count()} cores; {res['wall_s'] / 60:.0f} minutes.")
+    out += ["Figures: images/s counting both views, median of repeats (± half the max-min spread).", ""]
+    if before:
+        out[-1:] = [f"Before: the same command on older code ({before.get('code', 'see its file')}); "
+                    f"load {before['load'][0]:.1f}, {before['load'][1]:.1f}." if "load" in before else
+                    "Before: the same command on older code.", ""]
+        old_ratio = {r["method"]: r["ratio"] for r in before.get("ratio", [])}
+        old_ops = {r["method"]: r["extra_ops_per_step"] for r in before.get("profile", {}).get("methods", [])}
+        res = {**res, "ratio": [{**r, "before": old_ratio.get(r["method"])} for r in res.get("ratio", [])]} \
+            if "ratio" in res else res
     if "ratio" in res:
         extra = [k for k in ("bare_bf16_channels_last", "bare_compiled") if any(k in r for r in res["ratio"])]
         names = {"bare_bf16_channels_last": "bare bf16+channels_last", "bare_compiled": "bare compiled"}
-        out += ["| method | bare step | batch | in-loop | bare | ratio |" + "".join(f" {names[k]} |" for k in extra),
-                "|---|---|---|---|---|---|" + "---|" * len(extra)]
+        b = " ratio before |" if before else ""
+        out += ["| method | bare step | batch | in-loop | bare | ratio |" + b + "".join(f" {names[k]} |" for k in extra),
+                "|---|---|---|---|---|---|" + "---|" * (len(extra) + bool(before))]
         for r in res["ratio"]:
             cols = "".join(f" {fmt(r[k]) if k in r else '-'} |" for k in extra)
+            was = (f" {r['before']:.2f} |" if r.get("before") is not None else " - |") if before else ""
             out.append(f"| {r['method']} | {r['bare_step']} | {r['batch_images']} | {fmt(r['in_loop'])} | "
-                       f"{fmt(r['bare'])} | {r['ratio']:.2f} |" + cols)
+                       f"{fmt(r['bare'])} | {r['ratio']:.2f} |" + was + cols)
         out.append("")
     if "pipeline" in res:
         p = res["pipeline"]
@@ -760,24 +783,31 @@ def markdown(res: dict) -> str:
                 continue
             out.append(f"| {m} | " + " | ".join(fmt(r) for r in rs) + " | " +
                        ", ".join(str(r["batch_per_client"]) for r in rs) + " |")
-        f = {r["clients"]: r["images_per_s"] for r in res["scale"] if r["method"] == "fedavg_cl"}
-        if len(f) > 1:
-            out += [f"fedavg_cl with {max(f)} clients runs at {f[max(f)] / f[min(f)]:.2f} of its {min(f)}-client "
-                    "throughput for the same images.", ""]
+        for label, r in (("", res), (" (before)", before or {})):
+            f = {x["clients"]: x["images_per_s"] for x in r.get("scale", []) if x["method"] == "fedavg_cl"}
+            if len(f) > 1:
+                out += [f"fedavg_cl with {max(f)} clients runs at {f[max(f)] / f[min(f)]:.2f} of its {min(f)}-client "
+                        f"throughput for the same images{label}.", ""]
         out.append("")
     if "profile" in res:
         p = res["profile"]
         out += ["Operator counts (torch.profiler, CPU activities; leaf aten ops that compute, the CPU analogue of "
                 "GPU kernel launches; counts do not depend on the load, microseconds do):", "",
-                "| method | ops per step, bare | ops per step, in the loop | beyond the bare step |", "|---|---|---|---|"]
+                "| method | ops per step, bare | ops per step, in the loop | beyond the bare step |" +
+                (" beyond, before |" if before else ""), "|---|---|---|---|" + ("---|" if before else "")]
         out += [f"| {r['method']} | {r['bare_ops_per_step']:.0f} | {r['loop_ops_per_step']:.0f} | "
-                f"{r['extra_ops_per_step']:.0f} |" for r in p["methods"]]
+                f"{r['extra_ops_per_step']:.0f} |" + (f" {old_ops[r['method']]:.0f} |" if r["method"] in old_ops
+                                                       else " - |" if before else "") for r in p["methods"]]
         c = p["per_client"]
         out += ["", f"Per-client work in fedavg_cl ({c['state_tensors']} state tensors): " + ", ".join(
             f"{k.replace('_', ' ')} {v['ops']:.0f} ops / {v['us']:.0f} us" for k, v in c.items() if isinstance(v, dict)),
                 "", "Augmentation (batch 128): " + ", ".join(
             f"{k} {v['ops_per_call']:.0f} ops per call / {v['us_per_view']:.1f} us per view" for k, v in p["augment"].items()),
                 ""]
+        if before and "profile" in before:
+            out[-1:] = ["Augmentation before: " + ", ".join(
+                f"{k} {v['ops_per_call']:.0f} ops per call / {v['us_per_view']:.1f} us per view"
+                for k, v in before["profile"]["augment"].items()), ""]
     return "\n".join(out)
 
 
@@ -785,6 +815,9 @@ def parse(argv=None) -> Args:
     try:
         args = common.parse_args(Args, sys.argv[1:] if argv is None else list(argv))
         args.check()
+        for name in ("render", "before"):
+            if getattr(args, name) and not Path(getattr(args, name)).is_file():
+                common.fail(f"--{name} {getattr(args, name)}: no such file")
         if args.json:
             common.check_out(str(Path(args.json).resolve().parent))
             if Path(args.json).is_dir():
@@ -797,13 +830,17 @@ def parse(argv=None) -> Args:
 
 def main(argv=None):
     args = parse(argv)
+    if args.render:
+        print(markdown(*(json.loads(Path(f).read_text()) for f in (args.render, args.before) if f)))
+        return
     device = common._pick_device(args.device)
     gpu = device.type == "cuda"
     fast = args.gpu_extras == "true" or (args.gpu_extras == "auto" and gpu)
     compile_ = args.compile == "true" or (args.compile == "auto" and gpu)
     torch.manual_seed(0)
     res = {"device": device_name(device), "torch": torch.__version__, "quick": args.quick,
-           "command": "python benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
+           "command": "python benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+           "load": [os.getloadavg()[0]]}
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
         t0, res["section_s"] = time.time(), {}
         for name, fn in (("ratio", lambda: measure_ratios(args, device, Path(tmp), fast, compile_)),
@@ -816,7 +853,8 @@ def main(argv=None):
                 res[name] = fn()
                 res["section_s"][name] = time.time() - t
         res["wall_s"] = time.time() - t0
-    print(markdown(res))
+    res["load"].append(os.getloadavg()[0])
+    print(markdown(res, json.loads(Path(args.before).read_text()) if args.before else None))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

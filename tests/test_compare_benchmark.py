@@ -298,6 +298,7 @@ def test_augment_is_a_few_dozen_ops_per_batch():
 @pytest.mark.parametrize("flags, needle", [(["--methods", "fedavg"], "--methods"), (["--sections", "speed"], "--sections"),
                                            (["--scale-clients", "10,x"], "--scale-clients"),
                                            (["--scale-methods", "local_cl"], "--scale-methods"),
+                                           (["--render", "no-such.json"], "--render"),
                                            (["--compile", "maybe"], "--compile"), (["--repeats", "-1"], "--repeats")])
 def test_benchmark_bad_flags_exit_2_with_one_line(flags, needle, capsys):
     with pytest.raises(SystemExit) as e:
