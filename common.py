@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import inspect
 import json
+import copy
 import math
 import os
 import pickle
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 ROOT = Path(__file__).resolve().parent
 
@@ -791,6 +793,20 @@ def make_encoder(args: RunArgs, channels: int) -> nn.Module:
     net = resnet18(channels, args.norm) if args.encoder == "resnet18" else \
         SmallCNN(channels, args.norm, getattr(args, "width", 32))
     return net.to(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def folded_eval_copy(encoder: nn.Module) -> nn.Module:
+    """An eval-mode copy of the encoder in which every BatchNorm2d that follows a plain Conv2d in a Sequential
+    is folded into that conv (in eval mode BN is a per-channel affine map: w' = w g / s, b' = (b - mu) g / s + beta,
+    s = sqrt(var + eps)): the same function up to float rounding, one pass over the activations fewer per
+    layer. For feature extraction only (the copy does not share parameters with the encoder)."""
+    out = copy.deepcopy(encoder).eval()
+    for seq in [m for m in out.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if type(seq[i]) is nn.Conv2d and isinstance(seq[i + 1], nn.BatchNorm2d) and seq[i + 1].track_running_stats:
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
+    return out
 
 
 def mlp(dims: list[int], bn: bool = True, last_bn: bool = False) -> nn.Sequential:

@@ -371,6 +371,26 @@ def test_a_reused_optimizer_reset_in_place_trains_like_a_fresh_one(optimizer):
 
 # --- encoders --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("encoder, norm", [("cnn", "bn"), ("cnn", "gnws"), ("resnet18", "bn")])
+def test_folded_eval_copy_is_the_encoder_in_eval_mode(encoder, norm):
+    """BatchNorm folded into the conv before it: same outputs as the encoder in eval mode, with trained
+    (non-trivial) running statistics; the encoder itself stays as it was."""
+    torch.manual_seed(0)
+    net = common.make_encoder(SimpleNamespace(encoder=encoder, norm=norm), 3)
+    for _ in range(3):                                       # running statistics away from 0 / 1
+        net(torch.randn(8, 3, 32, 32) * 2 + 1)
+    folded = common.folded_eval_copy(net)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert net.training
+    with torch.no_grad():
+        want = net.eval()(x)
+    assert torch.allclose(folded(x), want, atol=1e-5, rtol=1e-4)
+    if encoder == "cnn" and norm == "bn":
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 3
+
+
+
 @pytest.mark.parametrize("encoder, norm", [("cnn", "bn"), ("cnn", "gnws"), ("resnet18", "bn"), ("resnet18", "gnws")])
 def test_encoders_output_their_dim(encoder, norm):
     net = common.make_encoder(SimpleNamespace(encoder=encoder, norm=norm), 3)
