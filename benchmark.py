@@ -8,8 +8,10 @@ taken under the same load on the same device:
    times each round without its kNN evaluation, so the figure includes augmentation, batching, client
    switching (state-dict loads, optimizer resets), aggregation and logging. After every round (outside
    its timing) one block of bare steps of about a round's images is timed, and the ratio is the median
-   over the rounds after the first (which warms up allocators) of round / the bare block after it: on a
-   shared machine the load drifts within minutes, and interleaving compares figures taken together.
+   over rounds 2 .. R-1 (round 1 warms up allocators; rounds 1 and R carry the kNN monitor) of round /
+   the bare block after it: on a shared machine the load drifts within minutes, and interleaving compares
+   figures taken together. The same ratio by process CPU time (round start to run.log, and the block) is
+   printed beside it: with one torch thread (OMP_NUM_THREADS=1) it hardly depends on the machine's load.
    Bare step: forward + backward + optimizer step of the same encoder, head and loss at the same batch
    size, on two views already augmented and on the device, written here from common's pieces:
      simclr  encoder + MLP projector, both views in one batch, NT-Xent          local_cl, fedavg_cl, gossip_cl,
@@ -401,7 +403,7 @@ def in_loop_rate(folder: Path) -> dict:
 def ratio_flags(args: Args, name: str, device) -> list:
     """The command line of one method's in-loop run in the ratio section."""
     flags = ["--train-size", args.train_size, "--test-size", 200, "--clients", 2, "--partition", "iid",
-             "--rounds", args.repeats + 1, "--eval-every", 10 ** 6, "--probe-epochs", 1, "--device", device.type,
+             "--rounds", args.repeats + 2, "--eval-every", 10 ** 6, "--probe-epochs", 1, "--device", device.type,
              *METHODS[name][1]]
     if args.batch_size and name != "mocosfl":        # mocosfl's batch follows its code's rule
         flags += ["--batch-size", args.batch_size]
@@ -413,7 +415,7 @@ def scale_flags(args: Args, clients: int, device) -> list:
     n = args.scale_images
     batch = max(2, n // max(args.scale_counts))     # the most clients' whole client data: one batch each
     return list(map(str, ["--train-size", n, "--test-size", 100, "--clients", clients, "--partition", "iid",
-                          "--batch-size", batch, "--rounds", 2 if args.quick else 3, "--eval-every", 10 ** 6,
+                          "--batch-size", batch, "--rounds", 3 if args.quick else 4, "--eval-every", 10 ** 6,
                           "--probe-epochs", 1, "--device", device.type]))
 
 
@@ -438,17 +440,30 @@ def measure_ratios(args: Args, device, tmp: Path, fast: bool, compile_: bool) ->
         step, views = bare_step(spec, device)
         steps = max(1, args.train_size // spec.batch)       # one timed block = about one round's steps
         timed_rates(step, views, device, 1, 1)               # warm-up
+
+        def bare_block():                                    # (wall, CPU) images/s of about a round's steps
+            sync(device)
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                step()
+            sync(device)
+            return views * steps / (time.perf_counter() - t), views * steps / (time.process_time() - c)
+
         # the bare step is timed between the rounds of the run (after each round, outside its timing): the
-        # machine's load drifts, so each round is compared with the block next to it
-        with after_each_round(lambda: timed_rates(step, views, device, 1, steps, warmup=0)[0]) as after:
+        # machine's load drifts, so each round is compared with the block next to it. Rounds 2 .. R-1 count
+        # (round 1 warms up and, like round R, carries the kNN monitor).
+        with watch_rounds(after=bare_block) as rec:
             folder = run_method(module, flags, tmp / name)
-        rounds = [json.loads(line)["images_per_s"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        pairs = list(zip(rounds, after))[1:] or list(zip(rounds, after))        # round 1 warms up
-        loop, bare = summarise([p[0] for p in pairs]), summarise([p[1] for p in pairs])
+        rows_ = round_rows(folder)[1:-1]
+        blocks = rec["after"][1:-1]
+        wall = [(r["images_per_s"], b[0]) for r, b in zip(rows_, blocks)]
+        cpu = [(r["images"] / c, b[1]) for r, c, b in zip(rows_, rec["cpu_s"][1:-1], blocks)]
+        loop, bare = summarise([p[0] for p in wall]), summarise([p[1] for p in wall])
         row = {"method": name, "bare_step": kind,
                "batch_images": spec.batch, "command": f"python {module}.py {shlex.join(flags)}",
-               "in_loop": loop, "bare": bare, "ratio": statistics.median(i / b for i, b in pairs),
-               "ratio_per_round": [i / b for i, b in pairs]}
+               "in_loop": loop, "bare": bare, "ratio": statistics.median(i / b for i, b in wall),
+               "ratio_cpu_time": statistics.median(i / b for i, b in cpu),
+               "in_loop_cpu": summarise([p[0] for p in cpu]), "bare_cpu": summarise([p[1] for p in cpu])}
         if fast:
             s, v = bare_step(spec, device, fast=True)
             row["bare_bf16_channels_last"] = timed_rate(s, v, device, args.repeats, steps)
@@ -460,7 +475,7 @@ def measure_ratios(args: Args, device, tmp: Path, fast: bool, compile_: bool) ->
                 row["bare_compiled"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
         rows.append(row)
         print(f"  {name}: in-loop {loop['images_per_s']:.0f}/s, bare {bare['images_per_s']:.0f}/s, "
-              f"ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+              f"ratio {row['ratio']:.2f}, by CPU time {row['ratio_cpu_time']:.2f}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -553,9 +568,11 @@ def measure_scale(args: Args, device, tmp: Path) -> list:
     methods = args.scale_methods.split(",")
     for clients in args.scale_counts:
         if "fedavg_cl" in methods:
-            folder = run_method("fedavg_cl", scale_flags(args, clients, device), tmp / f"scale-fedavg-{clients}")
+            with watch_rounds() as rec:
+                folder = run_method("fedavg_cl", scale_flags(args, clients, device), tmp / f"scale-fedavg-{clients}")
+            cpu = [r["images"] / c for r, c in zip(round_rows(folder), rec["cpu_s"])][1:-1]   # rounds 2 .. R-1
             rows.append({"method": "fedavg_cl", "clients": clients, "images": n, "batch_per_client": batch,
-                         **in_loop_rate(folder)})
+                         **in_loop_rate(folder), "cpu": summarise(cpu)})
         if "mocosfl" in methods:
             rates = [mocosfl.train_images_per_s(clients, n, device) for _ in range(max(1, args.repeats // 2))]
             pool = clients if clients < 200 else 100
@@ -602,21 +619,32 @@ def profiled(fn, repeats: int = 1):
 
 
 @contextlib.contextmanager
-def after_each_round(fn):
-    """Call fn() after every round of the next method run, outside the round's timed part (common.Run.rounds
-    patched for the run); yields the list of its results, one per round."""
-    real, out = common.Run.rounds, []
+def watch_rounds(after=None):
+    """For the next method run (common.Run patched): the process CPU seconds of every round from its start
+    to its run.log() call (the kNN evaluation comes later, inside log), and after(), called after every round
+    outside its timing. CPU seconds of a single-threaded process hardly depend on what else the machine runs."""
+    real_rounds, real_log, rec = common.Run.rounds, common.Run.log, {"cpu_s": [], "after": []}
 
     def rounds(self, state):
-        for rnd in real(self, state):
+        for rnd in real_rounds(self, state):
+            rec["t"] = time.process_time()
             yield rnd
-            out.append(fn())
+            if after:
+                rec["after"].append(after())
 
-    common.Run.rounds = rounds
+    def log(self, rnd, *a, **kw):
+        rec["cpu_s"].append(time.process_time() - rec["t"])
+        return real_log(self, rnd, *a, **kw)
+
+    common.Run.rounds, common.Run.log = rounds, log
     try:
-        yield out
+        yield rec
     finally:
-        common.Run.rounds = real
+        common.Run.rounds, common.Run.log = real_rounds, real_log
+
+
+def round_rows(folder: Path) -> list:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 @contextlib.contextmanager
@@ -749,21 +777,22 @@ def markdown(res: dict, before: dict | None = None) -> str:
         out[-1:] = [f"Before: the same command on older code ({before.get('code', 'see its file')}); "
                     f"load {before['load'][0]:.1f}, {before['load'][1]:.1f}." if "load" in before else
                     "Before: the same command on older code.", ""]
-        old_ratio = {r["method"]: r["ratio"] for r in before.get("ratio", [])}
+        old_ratio = {r["method"]: (r["ratio"], r.get("ratio_cpu_time", float("nan"))) for r in before.get("ratio", [])}
         old_ops = {r["method"]: r["extra_ops_per_step"] for r in before.get("profile", {}).get("methods", [])}
         res = {**res, "ratio": [{**r, "before": old_ratio.get(r["method"])} for r in res.get("ratio", [])]} \
             if "ratio" in res else res
     if "ratio" in res:
         extra = [k for k in ("bare_bf16_channels_last", "bare_compiled") if any(k in r for r in res["ratio"])]
         names = {"bare_bf16_channels_last": "bare bf16+channels_last", "bare_compiled": "bare compiled"}
-        b = " ratio before |" if before else ""
-        out += ["| method | bare step | batch | in-loop | bare | ratio |" + b + "".join(f" {names[k]} |" for k in extra),
-                "|---|---|---|---|---|---|" + "---|" * (len(extra) + bool(before))]
+        b = " ratio before (wall / CPU) |" if before else ""
+        out += ["| method | bare step | batch | in-loop | bare | ratio | ratio by CPU time |" + b +
+                "".join(f" {names[k]} |" for k in extra),
+                "|---|---|---|---|---|---|---|" + "---|" * (len(extra) + bool(before))]
         for r in res["ratio"]:
             cols = "".join(f" {fmt(r[k]) if k in r else '-'} |" for k in extra)
-            was = (f" {r['before']:.2f} |" if r.get("before") is not None else " - |") if before else ""
+            was = (f" {r['before'][0]:.2f} / {r['before'][1]:.2f} |" if r.get("before") else " - |") if before else ""
             out.append(f"| {r['method']} | {r['bare_step']} | {r['batch_images']} | {fmt(r['in_loop'])} | "
-                       f"{fmt(r['bare'])} | {r['ratio']:.2f} |" + was + cols)
+                       f"{fmt(r['bare'])} | {r['ratio']:.2f} | {r.get('ratio_cpu_time', float('nan')):.2f} |" + was + cols)
         out.append("")
     if "pipeline" in res:
         p = res["pipeline"]
@@ -784,10 +813,13 @@ def markdown(res: dict, before: dict | None = None) -> str:
             out.append(f"| {m} | " + " | ".join(fmt(r) for r in rs) + " | " +
                        ", ".join(str(r["batch_per_client"]) for r in rs) + " |")
         for label, r in (("", res), (" (before)", before or {})):
-            f = {x["clients"]: x["images_per_s"] for x in r.get("scale", []) if x["method"] == "fedavg_cl"}
+            f = {x["clients"]: x for x in r.get("scale", []) if x["method"] == "fedavg_cl"}
             if len(f) > 1:
-                out += [f"fedavg_cl with {max(f)} clients runs at {f[max(f)] / f[min(f)]:.2f} of its {min(f)}-client "
-                        f"throughput for the same images{label}.", ""]
+                hi, lo = f[max(f)], f[min(f)]
+                cpu = (f" ({hi['cpu']['images_per_s'] / lo['cpu']['images_per_s']:.2f} by CPU time)"
+                       if "cpu" in hi else "")
+                out += [f"fedavg_cl with {max(f)} clients runs at {hi['images_per_s'] / lo['images_per_s']:.2f}{cpu} "
+                        f"of its {min(f)}-client throughput for the same images{label}.", ""]
         out.append("")
     if "profile" in res:
         p = res["profile"]
