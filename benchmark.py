@@ -773,6 +773,7 @@ def markdown(res: dict, before: dict | None = None) -> str:
         out.append(f"Load average (1 min) at the start and the end: {res['load'][0]:.1f}, {res['load'][1]:.1f} "
                    f"on {os.cpu_count()} cores; {res['wall_s'] / 60:.0f} minutes.")
     out += ["Figures: images/s counting both views, median of repeats (± half the max-min spread).", ""]
+    old_ratio, old_ops = {}, {}
     if before:
         out[-1:] = [f"Before: the same command on older code ({before.get('code', 'see its file')}); "
                     f"load {before['load'][0]:.1f}, {before['load'][1]:.1f}." if "load" in before else
@@ -886,9 +887,9 @@ def main(argv=None):
                 res["section_s"][name] = time.time() - t
         res["wall_s"] = time.time() - t0
     res["load"].append(os.getloadavg()[0])
-    print(markdown(res, json.loads(Path(args.before).read_text()) if args.before else None))
-    if args.json:
+    if args.json:                                   # first: the figures survive a failure of the report
         Path(args.json).write_text(json.dumps(res, indent=1))
+    print(markdown(res, json.loads(Path(args.before).read_text()) if args.before else None))
 
 
 if __name__ == "__main__":
