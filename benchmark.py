@@ -47,7 +47,11 @@ extra columns.
    per-client pieces (download, fresh optimizer or in-place reset, upload copy, FedAvg share) in ops and
    microseconds; and Augment's ops per call and microseconds per view. Counts do not depend on the load.
 Figures: median of --repeats timed blocks and their spread ((max - min) / median); the device is named.
-Run:      python benchmark.py                 (CPU: about 10 minutes; GPU: a few)
+Run:      python benchmark.py                 (CPU: about 10 minutes on a quiet machine; GPU: a few)
+          OMP_NUM_THREADS=1 python benchmark.py --sections ratio,scale,profile --train-size 512 --repeats 3 \
+              --scale-clients 10,1000 --scale-methods fedavg_cl      (results/benchmark-cpu.md: 10.5 minutes
+                                                                      on 2 shared cores, load 3.5)
+          python benchmark.py --render results/benchmark-cpu.json --before results/benchmark-cpu-before.json
           python benchmark.py --quick         (under a minute on 2 cores; tiny budgets, noisy figures)
           python benchmark.py --json bench.json --sections ratio --methods fedavg_cl,mocosfl
 """
