@@ -467,6 +467,7 @@ def measure_ratios(args: Args, device, tmp: Path, fast: bool, compile_: bool) ->
                "batch_images": spec.batch, "command": f"python {module}.py {shlex.join(flags)}",
                "in_loop": loop, "bare": bare, "ratio": statistics.median(i / b for i, b in wall),
                "ratio_cpu_time": statistics.median(i / b for i, b in cpu),
+               "ratio_per_round": [i / b for i, b in wall], "ratio_cpu_time_per_round": [i / b for i, b in cpu],
                "in_loop_cpu": summarise([p[0] for p in cpu]), "bare_cpu": summarise([p[1] for p in cpu])}
         if fast:
             s, v = bare_step(spec, device, fast=True)
