@@ -6,8 +6,12 @@ taken under the same load on the same device:
 1. Efficiency ratio, per method file = in-loop training images/s / bare-step images/s.
    In-loop: the method's own main() runs here with a small budget and writes metrics.jsonl; common.Run
    times each round without its kNN evaluation, so the figure includes augmentation, batching, client
-   switching (state-dict loads, fresh optimizers), aggregation and logging. We take the median over the
-   rounds after the first (the first one warms up allocators).
+   switching (state-dict loads, optimizer resets), aggregation and logging. After every round (outside
+   its timing) one block of bare steps of about a round's images is timed, and the ratio is the median
+   over rounds 2 .. R-1 (round 1 warms up allocators; rounds 1 and R carry the kNN monitor) of round /
+   the bare block after it: on a shared machine the load drifts within minutes, and interleaving compares
+   figures taken together. The same ratio by process CPU time (round start to run.log, and the block) is
+   printed beside it: with one torch thread (OMP_NUM_THREADS=1) it hardly depends on the machine's load.
    Bare step: forward + backward + optimizer step of the same encoder, head and loss at the same batch
    size, on two views already augmented and on the device, written here from common's pieces:
      simclr  encoder + MLP projector, both views in one batch, NT-Xent          local_cl, fedavg_cl, gossip_cl,
@@ -41,8 +45,17 @@ default layout for mocosfl, whose vmap needs it). With a GPU (or --gpu-extras tr
 bf16 autocast (and channels-last for mocosfl's too), and compiled with torch.compile (--compile); both as
 extra columns.
 
+4. Profile (torch.profiler, CPU activities): per method, the ops that compute (leaf aten ops, not views:
+   on a GPU each launches at least one kernel) per bare step and per step of its loop (one profiled round,
+   divided by its images in bare steps), so the difference is what the loop adds per step; fedavg_cl's
+   per-client pieces (download, fresh optimizer or in-place reset, upload copy, FedAvg share) in ops and
+   microseconds; and Augment's ops per call and microseconds per view. Counts do not depend on the load.
 Figures: median of --repeats timed blocks and their spread ((max - min) / median); the device is named.
-Run:      python benchmark.py                 (CPU: about 10 minutes; GPU: a few)
+Run:      python benchmark.py                 (CPU: about 10 minutes on a quiet machine; GPU: a few)
+          OMP_NUM_THREADS=1 python benchmark.py --sections ratio,scale,profile --train-size 512 --repeats 3 \
+              --scale-clients 10,1000 --scale-methods fedavg_cl      (results/benchmark-cpu.md: 10.5 minutes
+                                                                      on 2 shared cores, load 3.5)
+          python benchmark.py --render results/benchmark-cpu.json --before results/benchmark-cpu-before.json
           python benchmark.py --quick         (under a minute on 2 cores; tiny budgets, noisy figures)
           python benchmark.py --json bench.json --sections ratio --methods fedavg_cl,mocosfl
 """
@@ -52,6 +65,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import inspect
 import io
 import json
 import os
@@ -86,7 +100,7 @@ METHODS = {
     "mocosfl": ("mocosfl", [], "sfl"),
     "fed_cluster": ("fed_cluster", [], "byol"),
 }
-SECTIONS = ("ratio", "pipeline", "scale", "procs")
+SECTIONS = ("ratio", "pipeline", "scale", "profile", "procs")
 
 
 @dataclass
@@ -99,8 +113,8 @@ class Args:
     """auto | cpu | cuda"""
     methods: str = "all"
     """comma-separated rows of the efficiency table (all = every method file)"""
-    sections: str = "ratio,pipeline,scale,procs"
-    """which measurements: ratio, pipeline, scale, procs"""
+    sections: str = "ratio,pipeline,scale,profile,procs"
+    """which measurements: ratio, pipeline, scale, profile (operator counts), procs (torchrun)"""
     repeats: int = 0
     """timed blocks per figure; 0 = 5 (--quick: 2)"""
     train_size: int = 0
@@ -109,6 +123,10 @@ class Args:
     """batch of the in-loop runs and their bare steps; 0 = each method's default (--quick: 32)"""
     scale_images: int = 0
     """images per round in the scale measurement; 0 = 10000 (--quick: 1000, and 10/100 clients only)"""
+    scale_clients: str = ""
+    """client counts of the scale measurement, comma-separated; empty = 10,100,1000 (--quick: 10,100)"""
+    scale_methods: str = "fedavg_cl,mocosfl"
+    """methods of the scale measurement (fedavg_cl, mocosfl)"""
     workers: int = 2
     """DataLoader worker processes of the torchvision pipeline"""
     gpu_extras: str = "auto"
@@ -117,6 +135,10 @@ class Args:
     """bare step also under torch.compile: auto (with a GPU) | true | false"""
     procs: int = 2
     """processes of the torchrun scaling measurement (section procs), each with one thread"""
+    render: str = ""
+    """measure nothing: print the markdown of this saved --json file (with --before: before/after columns)"""
+    before: str = ""
+    """a --json file of the same command on older code: its ratios, op counts and scale figures as extra columns"""
 
     def check(self):
         if self.device not in ("auto", "cpu", "cuda"):
@@ -145,12 +167,18 @@ class Args:
         self.train_size = self.train_size or (128 if self.quick else 2048)
         self.batch_size = self.batch_size or (32 if self.quick else 0)
         self.scale_images = self.scale_images or (1000 if self.quick else 10000)
-        if self.scale_images < 2 * max(self.scale_clients):
-            common.fail(f"--scale-images must be at least {2 * max(self.scale_clients)}: "
-                        f"{max(self.scale_clients)} clients need 2 images each (got {self.scale_images})")
+        if self.scale_clients and not all(c.isdigit() and int(c) > 0 for c in self.scale_clients.split(",")):
+            common.fail(f"--scale-clients must be positive integers separated by commas (got {self.scale_clients!r})")
+        if not self.scale_methods or not set(self.scale_methods.split(",")) <= {"fedavg_cl", "mocosfl"}:
+            common.fail(f"--scale-methods: choose from fedavg_cl, mocosfl (got {self.scale_methods!r})")
+        if self.scale_images < 2 * max(self.scale_counts):
+            common.fail(f"--scale-images must be at least {2 * max(self.scale_counts)}: "
+                        f"{max(self.scale_counts)} clients need 2 images each (got {self.scale_images})")
 
     @property
-    def scale_clients(self):
+    def scale_counts(self):
+        if self.scale_clients:
+            return tuple(int(c) for c in self.scale_clients.split(","))
         return (10, 100) if self.quick else (10, 100, 1000)
 
     @property
@@ -388,7 +416,7 @@ def in_loop_rate(folder: Path) -> dict:
 def ratio_flags(args: Args, name: str, device) -> list:
     """The command line of one method's in-loop run in the ratio section."""
     flags = ["--train-size", args.train_size, "--test-size", 200, "--clients", 2, "--partition", "iid",
-             "--rounds", args.repeats + 1, "--eval-every", 10 ** 6, "--probe-epochs", 1, "--device", device.type,
+             "--rounds", args.repeats + 2, "--eval-every", 10 ** 6, "--probe-epochs", 1, "--device", device.type,
              *METHODS[name][1]]
     if args.batch_size and name != "mocosfl":        # mocosfl's batch follows its code's rule
         flags += ["--batch-size", args.batch_size]
@@ -398,9 +426,9 @@ def ratio_flags(args: Args, name: str, device) -> list:
 def scale_flags(args: Args, clients: int, device) -> list:
     """The command line of fedavg_cl's run with `clients` clients in the scale section."""
     n = args.scale_images
-    batch = max(2, n // max(args.scale_clients))     # the most clients' whole client data: one batch each
+    batch = max(2, n // max(args.scale_counts))     # the most clients' whole client data: one batch each
     return list(map(str, ["--train-size", n, "--test-size", 100, "--clients", clients, "--partition", "iid",
-                          "--batch-size", batch, "--rounds", 2 if args.quick else 3, "--eval-every", 10 ** 6,
+                          "--batch-size", batch, "--rounds", 3 if args.quick else 4, "--eval-every", 10 ** 6,
                           "--probe-epochs", 1, "--device", device.type]))
 
 
@@ -408,7 +436,7 @@ def preflight(args: Args, device):
     """Every run the benchmark will start goes through its script's own checks first: a bad value
     stops here, before minutes of measurements."""
     runs = [(METHODS[n][0], ratio_flags(args, n, device)) for n in args.method_list if "ratio" in args.section_list]
-    runs += [("fedavg_cl", scale_flags(args, c, device)) for c in args.scale_clients if "scale" in args.section_list]
+    runs += [("fedavg_cl", scale_flags(args, c, device)) for c in args.scale_counts if "scale" in args.section_list]
     for module, flags in runs:
         try:
             dry_config(module, flags)
@@ -421,17 +449,35 @@ def measure_ratios(args: Args, device, tmp: Path, fast: bool, compile_: bool) ->
     for name in args.method_list:
         module, extra, kind = METHODS[name]
         flags = ratio_flags(args, name, device)
-        cfg = dry_config(module, flags)          # the bare step is timed before AND after the run:
-        spec = spec_for(name, cfg)               # the machine's load drifts, the median of both is fairer
+        spec = spec_for(name, dry_config(module, flags))
         step, views = bare_step(spec, device)
         steps = max(1, args.train_size // spec.batch)       # one timed block = about one round's steps
-        before = timed_rates(step, views, device, args.repeats, steps)
-        folder = run_method(module, flags, tmp / name)
-        bare = summarise(before + timed_rates(step, views, device, args.repeats, steps, warmup=0))
-        loop = in_loop_rate(folder)
+        timed_rates(step, views, device, 1, 1)               # warm-up
+
+        def bare_block():                                    # (wall, CPU) images/s of about a round's steps
+            sync(device)
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                step()
+            sync(device)
+            return views * steps / (time.perf_counter() - t), views * steps / (time.process_time() - c)
+
+        # the bare step is timed between the rounds of the run (after each round, outside its timing): the
+        # machine's load drifts, so each round is compared with the block next to it. Rounds 2 .. R-1 count
+        # (round 1 warms up and, like round R, carries the kNN monitor).
+        with watch_rounds(after=bare_block) as rec:
+            folder = run_method(module, flags, tmp / name)
+        rows_ = round_rows(folder)[1:-1]
+        blocks = rec["after"][1:-1]
+        wall = [(r["images_per_s"], b[0]) for r, b in zip(rows_, blocks)]
+        cpu = [(r["images"] / c, b[1]) for r, c, b in zip(rows_, rec["cpu_s"][1:-1], blocks)]
+        loop, bare = summarise([p[0] for p in wall]), summarise([p[1] for p in wall])
         row = {"method": name, "bare_step": kind,
                "batch_images": spec.batch, "command": f"python {module}.py {shlex.join(flags)}",
-               "in_loop": loop, "bare": bare, "ratio": loop["images_per_s"] / bare["images_per_s"]}
+               "in_loop": loop, "bare": bare, "ratio": statistics.median(i / b for i, b in wall),
+               "ratio_cpu_time": statistics.median(i / b for i, b in cpu),
+               "ratio_per_round": [i / b for i, b in wall], "ratio_cpu_time_per_round": [i / b for i, b in cpu],
+               "in_loop_cpu": summarise([p[0] for p in cpu]), "bare_cpu": summarise([p[1] for p in cpu])}
         if fast:
             s, v = bare_step(spec, device, fast=True)
             row["bare_bf16_channels_last"] = timed_rate(s, v, device, args.repeats, steps)
@@ -443,7 +489,7 @@ def measure_ratios(args: Args, device, tmp: Path, fast: bool, compile_: bool) ->
                 row["bare_compiled"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
         rows.append(row)
         print(f"  {name}: in-loop {loop['images_per_s']:.0f}/s, bare {bare['images_per_s']:.0f}/s, "
-              f"ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+              f"ratio {row['ratio']:.2f}, by CPU time {row['ratio_cpu_time']:.2f}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -532,18 +578,22 @@ def simclr_on_views(spec: BareSpec, device):
 def measure_scale(args: Args, device, tmp: Path) -> list:
     import mocosfl
     rows, n = [], args.scale_images
-    batch = max(2, n // max(args.scale_clients))     # the most clients' whole client data: one batch each
-    for clients in args.scale_clients:
-        flags = scale_flags(args, clients, device)
-        folder = run_method("fedavg_cl", flags, tmp / f"scale-fedavg-{clients}")
-        rows.append({"method": "fedavg_cl", "clients": clients, "images": n, "batch_per_client": batch,
-                     **in_loop_rate(folder)})
-        rates = [mocosfl.train_images_per_s(clients, n, device) for _ in range(max(1, args.repeats // 2))]
-        pool = clients if clients < 200 else 100
-        rows.append({"method": "mocosfl", "clients": clients, "images": n, "batch_per_client": max(1, 100 // pool),
-                     **summarise(rates)})
-        print(f"  {clients} clients: fedavg_cl {rows[-2]['images_per_s']:.0f}/s, mocosfl {rows[-1]['images_per_s']:.0f}/s",
-              file=sys.stderr, flush=True)
+    batch = max(2, n // max(args.scale_counts))     # the most clients' whole client data: one batch each
+    methods = args.scale_methods.split(",")
+    for clients in args.scale_counts:
+        if "fedavg_cl" in methods:
+            with watch_rounds() as rec:
+                folder = run_method("fedavg_cl", scale_flags(args, clients, device), tmp / f"scale-fedavg-{clients}")
+            cpu = [r["images"] / c for r, c in zip(round_rows(folder), rec["cpu_s"])][1:-1]   # rounds 2 .. R-1
+            rows.append({"method": "fedavg_cl", "clients": clients, "images": n, "batch_per_client": batch,
+                         **in_loop_rate(folder), "cpu": summarise(cpu)})
+        if "mocosfl" in methods:
+            rates = [mocosfl.train_images_per_s(clients, n, device) for _ in range(max(1, args.repeats // 2))]
+            pool = clients if clients < 200 else 100
+            rows.append({"method": "mocosfl", "clients": clients, "images": n,
+                         "batch_per_client": max(1, 100 // pool), **summarise(rates)})
+        print(f"  {clients} clients: " + ", ".join(f"{r['method']} {r['images_per_s']:.0f}/s" for r in rows
+                                                   if r["clients"] == clients), file=sys.stderr, flush=True)
     return rows
 
 
@@ -583,6 +633,175 @@ def measure_procs(args: Args, device, tmp: Path) -> dict:
     print(f"  1 process {one['images_per_s']:.0f}/s, {args.procs} processes {many['images_per_s']:.0f}/s: "
           f"x{row['ratio']:.2f} (ideal x{args.procs})", file=sys.stderr, flush=True)
     return row
+# Profile: operator counts (load-independent) of the loop, per-client work and augmentation
+# ----------------------------------------------------------------------------------------------
+
+# aten ops that only make a view or an empty tensor: no kernel runs for them, so they are not counted
+NO_KERNEL = {"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::as_strided", "aten::expand", "aten::t",
+             "aten::transpose", "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select",
+             "aten::detach", "aten::alias", "aten::empty", "aten::empty_strided", "aten::empty_like",
+             "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh", "aten::unbind", "aten::split",
+             "aten::chunk", "aten::narrow", "aten::expand_as", "aten::view_as", "aten::flatten", "aten::numpy_T",
+             "aten::contiguous", "aten::result_type", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense",
+             "aten::set_", "aten::_reshape_alias", "aten::unflatten", "aten::split_with_sizes", "aten::diagonal"}
+
+
+def kernel_ops(events) -> int:
+    """Leaf aten ops that compute (the CPU analogue of kernel launches: on a GPU each launches >= 1 kernel)."""
+    n = 0
+    for e in events:
+        if e.name.startswith("aten::") and e.name not in NO_KERNEL and \
+                not any(c.name.startswith("aten::") for c in e.cpu_children):
+            n += 1
+    return n
+
+
+def profiled(fn, repeats: int = 1):
+    """(kernel ops per call, wall microseconds per call under the profiler) of fn()."""
+    fn()                                                               # warm-up outside the profile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        us = (time.perf_counter() - t) * 1e6 / repeats
+    return kernel_ops(prof.events()) / repeats, us
+
+
+@contextlib.contextmanager
+def watch_rounds(after=None):
+    """For the next method run (common.Run patched): the process CPU seconds of every round from its start
+    to its run.log() call (the kNN evaluation comes later, inside log), and after(), called after every round
+    outside its timing. CPU seconds of a single-threaded process hardly depend on what else the machine runs."""
+    real_rounds, real_log, rec = common.Run.rounds, common.Run.log, {"cpu_s": [], "after": []}
+
+    def rounds(self, state):
+        for rnd in real_rounds(self, state):
+            rec["t"] = time.process_time()
+            yield rnd
+            if after:
+                rec["after"].append(after())
+
+    def log(self, rnd, *a, **kw):
+        rec["cpu_s"].append(time.process_time() - rec["t"])
+        return real_log(self, rnd, *a, **kw)
+
+    common.Run.rounds, common.Run.log = rounds, log
+    try:
+        yield rec
+    finally:
+        common.Run.rounds, common.Run.log = real_rounds, real_log
+
+
+def round_rows(folder: Path) -> list:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def profile_round(k: int):
+    """Profile round k of the next method run (common.Run.rounds patched for the run); fills the dict
+    with that round's events and images."""
+    real, box = common.Run.rounds, {}
+
+    def rounds(self, state):
+        for rnd in real(self, state):
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if rnd == k else None
+            if prof:
+                prof.__enter__()
+            yield rnd
+            if prof:
+                prof.__exit__(None, None, None)
+                box.update(events=prof.events(), images=self.history[-1]["images"])
+
+    common.Run.rounds = rounds
+    try:
+        yield box
+    finally:
+        common.Run.rounds = real
+
+
+def profile_flags(args: Args, name: str, device) -> list:
+    """A short run for the counts: 3 rounds (round 2 is profiled; rounds 1 and 3 carry the kNN monitor)."""
+    flags = ["--train-size", 512 if args.quick else 1024, "--test-size", 100, "--clients", 2, "--partition", "iid",
+             "--rounds", 3, "--eval-every", 10 ** 6, "--probe-epochs", 1, "--device", device.type, *METHODS[name][1]]
+    if args.batch_size and name != "mocosfl":
+        flags += ["--batch-size", args.batch_size]
+    return list(map(str, flags))
+
+
+def measure_profile(args: Args, device, tmp: Path) -> dict:
+    """Kernel ops per training step of each method's loop beyond its bare step, the per-client pieces of
+    FedAvg's loop (ops and microseconds) and the augmentation's cost per view. Counts do not depend on the
+    machine's load; the microseconds do (and include the profiler's own overhead)."""
+    rows = []
+    for name in args.method_list:
+        module = METHODS[name][0]
+        flags = profile_flags(args, name, device)
+        spec = spec_for(name, dry_config(module, flags))
+        step, views = bare_step(spec, device)
+        bare_ops, _ = profiled(step, repeats=2)
+        with profile_round(2) as box:
+            run_method(module, flags, tmp / f"profile-{name}")
+        steps = box["images"] / views                                   # bare steps' worth of images
+        loop_ops = kernel_ops(box["events"]) / steps
+        rows.append({"method": name, "steps": steps, "bare_ops_per_step": bare_ops, "loop_ops_per_step": loop_ops,
+                     "extra_ops_per_step": loop_ops - bare_ops, "command": f"python {module}.py {shlex.join(flags)}"})
+        print(f"  {name}: {loop_ops:.0f} ops per step in the loop, {bare_ops:.0f} in the bare step",
+              file=sys.stderr, flush=True)
+    return {"methods": rows, "per_client": per_client_costs(device), "augment": augment_costs(device)}
+
+
+def per_client_costs(device) -> dict:
+    """What fedavg_cl does once per client, at its default sizes: download (load the global state), a fresh
+    optimizer and its first step (which allocates Adam's moments) or the in-place reset of one
+    (make_optimizer(reuse=...)) and its first step, against a normal step; the upload copy, and the
+    client's share of FedAvg over 10 and 1000 uploads."""
+    import fedavg_cl
+    a = fedavg_cl.Args()
+    model = fedavg_cl.SimCLR(common.make_encoder(a, 1), a.proj_dim).to(device)
+    worker = copy.deepcopy(model)
+    for p in worker.parameters():
+        p.grad = torch.zeros_like(p)
+    out = {}
+    warm = common.make_optimizer(list(worker.parameters()), a)
+
+    def upload():
+        return {k: v.clone() for k, v in worker.state_dict().items()}
+
+    pieces = {"download": lambda: worker.load_state_dict(model.state_dict()), "upload_copy": upload,
+              "optimizer_step": warm.step,           # a normal step: part of the bare step, the baseline of the next two
+              # Adam allocates its moments on a new optimizer's first step
+              "fresh_optimizer_and_step": lambda: common.make_optimizer(worker.parameters(), a).step()}
+    if "reuse" in inspect.signature(common.make_optimizer).parameters:      # the in-place reset the loops use
+        pieces["reset_optimizer_and_step"] = lambda: common.make_optimizer(list(worker.parameters()), a,
+                                                                           reuse=warm).step()
+    for key, fn in pieces.items():
+        ops, us = profiled(fn, repeats=20)
+        out[key] = {"ops": ops, "us": us}
+    acc = [torch.zeros_like(v) for v in worker.state_dict().values() if v.is_floating_point()]
+    floats = [v for v in worker.state_dict().values() if v.is_floating_point()]
+    # not used by the loops (aggregation stays a list of uploads + common.fedavg): what a streaming weighted
+    # sum into a preallocated buffer would cost per client instead of the upload copy and the FedAvg share
+    ops, us = profiled(lambda: torch._foreach_add_(acc, floats, alpha=0.5), repeats=20)
+    out["streaming_sum_alternative"] = {"ops": ops, "us": us}
+    for n in (10, 1000):
+        states = [upload() for _ in range(n)]
+        ops, us = profiled(lambda: common.fedavg(states), repeats=1)
+        out[f"fedavg_share_of_{n}"] = {"ops": ops / n, "us": us / n}
+    out["state_tensors"] = len(model.state_dict())
+    return out
+
+
+def augment_costs(device) -> dict:
+    """One Augment call on a batch of 128 (Fashion-MNIST 1x28x28 and an RGB 3x32x32 batch): kernel ops per
+    call and microseconds per view."""
+    out = {}
+    for label, c, s in (("gray_28", 1, 28), ("rgb_32", 3, 32)):
+        x = torch.randint(0, 256, (128, c, s, s), dtype=torch.uint8, device=device)
+        data = common.Data(x, None, x, None, 10, (0.5,) * c, (0.25,) * c)
+        aug = common.Augment(data)
+        ops, us = profiled(lambda: aug(x), repeats=10)
+        out[label] = {"ops_per_call": ops, "us_per_view": us / len(x)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,18 +816,33 @@ def fmt(r: dict) -> str:
     return f"{r['images_per_s']:.0f} (±{50 * r['spread']:.0f}%)"
 
 
-def markdown(res: dict) -> str:
-    out = [f"Device: {res['device']}; torch {res['torch']}; `{res['command']}`",
-           "Figures: images/s counting both views, median of repeats (± half the max-min spread).", ""]
+def markdown(res: dict, before: dict | None = None) -> str:
+    out = [f"Device: {res['device']}; torch {res['torch']}; `{res['command']}`"]
+    if "load" in res:
+        out.append(f"Load average (1 min) at the start and the end: {res['load'][0]:.1f}, {res['load'][1]:.1f} "
+                   f"on {os.cpu_count()} cores; {res['wall_s'] / 60:.0f} minutes.")
+    out += ["Figures: images/s counting both views, median of repeats (± half the max-min spread).", ""]
+    old_ratio, old_ops = {}, {}
+    if before:
+        out[-1:] = [f"Before: the same command on older code ({before.get('code', 'see its file')}); "
+                    f"load {before['load'][0]:.1f}, {before['load'][1]:.1f}." if "load" in before else
+                    "Before: the same command on older code.", ""]
+        old_ratio = {r["method"]: (r["ratio"], r.get("ratio_cpu_time", float("nan"))) for r in before.get("ratio", [])}
+        old_ops = {r["method"]: r["extra_ops_per_step"] for r in before.get("profile", {}).get("methods", [])}
+        res = {**res, "ratio": [{**r, "before": old_ratio.get(r["method"])} for r in res.get("ratio", [])]} \
+            if "ratio" in res else res
     if "ratio" in res:
         extra = [k for k in ("bare_bf16_channels_last", "bare_compiled") if any(k in r for r in res["ratio"])]
         names = {"bare_bf16_channels_last": "bare bf16+channels_last", "bare_compiled": "bare compiled"}
-        out += ["| method | bare step | batch | in-loop | bare | ratio |" + "".join(f" {names[k]} |" for k in extra),
-                "|---|---|---|---|---|---|" + "---|" * len(extra)]
+        b = " ratio before (wall / CPU) |" if before else ""
+        out += ["| method | bare step | batch | in-loop | bare | ratio | ratio by CPU time |" + b +
+                "".join(f" {names[k]} |" for k in extra),
+                "|---|---|---|---|---|---|---|" + "---|" * (len(extra) + bool(before))]
         for r in res["ratio"]:
             cols = "".join(f" {fmt(r[k]) if k in r else '-'} |" for k in extra)
+            was = (f" {r['before'][0]:.2f} / {r['before'][1]:.2f} |" if r.get("before") else " - |") if before else ""
             out.append(f"| {r['method']} | {r['bare_step']} | {r['batch_images']} | {fmt(r['in_loop'])} | "
-                       f"{fmt(r['bare'])} | {r['ratio']:.2f} |" + cols)
+                       f"{fmt(r['bare'])} | {r['ratio']:.2f} | {r.get('ratio_cpu_time', float('nan')):.2f} |" + was + cols)
         out.append("")
     if "pipeline" in res:
         p = res["pipeline"]
@@ -624,9 +858,38 @@ def markdown(res: dict) -> str:
                 "|---|" + "---|" * len(counts) + "---|"]
         for m in ("fedavg_cl", "mocosfl"):
             rs = [r for r in res["scale"] if r["method"] == m]
+            if not rs:
+                continue
             out.append(f"| {m} | " + " | ".join(fmt(r) for r in rs) + " | " +
                        ", ".join(str(r["batch_per_client"]) for r in rs) + " |")
+        for label, r in (("", res), (" (before)", before or {})):
+            f = {x["clients"]: x for x in r.get("scale", []) if x["method"] == "fedavg_cl"}
+            if len(f) > 1:
+                hi, lo = f[max(f)], f[min(f)]
+                cpu = (f" ({hi['cpu']['images_per_s'] / lo['cpu']['images_per_s']:.2f} by CPU time)"
+                       if "cpu" in hi else "")
+                out += [f"fedavg_cl with {max(f)} clients runs at {hi['images_per_s'] / lo['images_per_s']:.2f}{cpu} "
+                        f"of its {min(f)}-client throughput for the same images{label}.", ""]
         out.append("")
+    if "profile" in res:
+        p = res["profile"]
+        out += ["Operator counts (torch.profiler, CPU activities; leaf aten ops that compute, the CPU analogue of "
+                "GPU kernel launches; counts do not depend on the load, microseconds do):", "",
+                "| method | ops per step, bare | ops per step, in the loop | beyond the bare step |" +
+                (" beyond, before |" if before else ""), "|---|---|---|---|" + ("---|" if before else "")]
+        out += [f"| {r['method']} | {r['bare_ops_per_step']:.0f} | {r['loop_ops_per_step']:.0f} | "
+                f"{r['extra_ops_per_step']:.0f} |" + (f" {old_ops[r['method']]:.0f} |" if r["method"] in old_ops
+                                                       else " - |" if before else "") for r in p["methods"]]
+        c = p["per_client"]
+        out += ["", f"Per-client work in fedavg_cl ({c['state_tensors']} state tensors): " + ", ".join(
+            f"{k.replace('_', ' ')} {v['ops']:.0f} ops / {v['us']:.0f} us" for k, v in c.items() if isinstance(v, dict)),
+                "", "Augmentation (batch 128): " + ", ".join(
+            f"{k} {v['ops_per_call']:.0f} ops per call / {v['us_per_view']:.1f} us per view" for k, v in p["augment"].items()),
+                ""]
+        if before and "profile" in before:
+            out[-1:] = ["Augmentation before: " + ", ".join(
+                f"{k} {v['ops_per_call']:.0f} ops per call / {v['us_per_view']:.1f} us per view"
+                for k, v in before["profile"]["augment"].items()), ""]
     if "procs" in res:
         p = res["procs"]
         out += [f"Processes (torchrun, gloo, 1 thread each; fedavg_cl `{' '.join(p['flags'])}`; load average "
@@ -640,6 +903,9 @@ def parse(argv=None) -> Args:
     try:
         args = common.parse_args(Args, sys.argv[1:] if argv is None else list(argv))
         args.check()
+        for name in ("render", "before"):
+            if getattr(args, name) and not Path(getattr(args, name)).is_file():
+                common.fail(f"--{name} {getattr(args, name)}: no such file")
         if args.json:
             common.check_out(str(Path(args.json).resolve().parent))
             if Path(args.json).is_dir():
@@ -652,18 +918,23 @@ def parse(argv=None) -> Args:
 
 def main(argv=None):
     args = parse(argv)
+    if args.render:
+        print(markdown(*(json.loads(Path(f).read_text()) for f in (args.render, args.before) if f)))
+        return
     device = common._pick_device(args.device)
     gpu = device.type == "cuda"
     fast = args.gpu_extras == "true" or (args.gpu_extras == "auto" and gpu)
     compile_ = args.compile == "true" or (args.compile == "auto" and gpu)
     torch.manual_seed(0)
     res = {"device": device_name(device), "torch": torch.__version__, "quick": args.quick,
-           "command": "python benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
+           "command": "python benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+           "load": [os.getloadavg()[0]]}
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
         t0, res["section_s"] = time.time(), {}
         for name, fn in (("ratio", lambda: measure_ratios(args, device, Path(tmp), fast, compile_)),
                          ("pipeline", lambda: measure_pipeline(args, device)),
                          ("scale", lambda: measure_scale(args, device, Path(tmp))),
+                         ("profile", lambda: measure_profile(args, device, Path(tmp))),
                          ("procs", lambda: measure_procs(args, device, Path(tmp)))):
             if name in args.section_list:
                 print(f"{name} ...", file=sys.stderr, flush=True)
@@ -671,9 +942,10 @@ def main(argv=None):
                 res[name] = fn()
                 res["section_s"][name] = time.time() - t
         res["wall_s"] = time.time() - t0
-    print(markdown(res))
-    if args.json:
+    res["load"].append(os.getloadavg()[0])
+    if args.json:                                   # first: the figures survive a failure of the report
         Path(args.json).write_text(json.dumps(res, indent=1))
+    print(markdown(res, json.loads(Path(args.before).read_text()) if args.before else None))
 
 
 if __name__ == "__main__":

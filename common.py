@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import inspect
 import json
+import copy
 import math
 import os
 import pickle
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import distributed
 
@@ -629,69 +631,99 @@ class Augment:
     contrast, and for RGB saturation and hue, applied in that fixed order); for RGB grayscale with
     p=0.2; then normalisation. Differences from torchvision's per-image transforms: the crop's
     aspect ratio is clamped instead of re-drawn, the jitter order is fixed, and hue is a rotation
-    of the chroma plane in YIQ space rather than an HSV shift."""
+    of the chroma plane in YIQ space rather than an HSV shift.
+    Every step of the jitter is linear in the colour vector of a pixel (contrast adds the image's
+    mean grey), so the four of them are composed into ONE per-image 3x3 matrix and offset before
+    they touch the pixels, and grayscale + normalisation into a second one after the clamp: a few
+    dozen small operations per batch whatever the number of jitter steps (tests: the step-by-step
+    definition gives the same images)."""
 
     def __init__(self, data: Data, crop_min: float = 0.2, strength: float = 0.4, hue: float = 0.1,
                  ratio: tuple = (3 / 4, 4 / 3)):
         dev = data.train_x.device
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.rgb = data.channels == 3
         self.crop_min, self.s, self.hue = crop_min, strength, hue
         self.mean = torch.tensor(data.mean, device=dev).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, device=dev).view(1, -1, 1, 1)
+        # the 11 random numbers of an image, u ~ U[0, 1) mapped to lo + span * u: crop area, log aspect
+        # ratio, crop centre x and y, flip, jitter?, grayscale?, brightness (/255: images arrive as 0..255),
+        # contrast, saturation factors in [1-s, 1+s], hue angle in radians
+        lo = [crop_min, math.log(ratio[0]), -1, -1, 0, 0, 0, (1 - strength) / 255, 1 - strength, 1 - strength,
+              -2 * math.pi * hue]
+        hi = [1, math.log(ratio[1]), 1, 1, 1, 1, 1, (1 + strength) / 255, 1 + strength, 1 + strength,
+              2 * math.pi * hue]
+        self.lo = torch.tensor(lo, device=dev)
+        self.span = torch.tensor(hi, device=dev) - self.lo
+        self.pm = torch.tensor([1.0, -1.0], device=dev)                       # w^2 = area r, h^2 = area / r
+        self.flip = torch.tensor([[-1.0, 1.0], [1.0, 1.0]], device=dev)       # x scale sign: flipped, not
+        self.grids = {}
+        c = data.channels
+        self.eye = torch.eye(c, device=dev) / 255                             # not jittered: only the /255
+        n = torch.diag(1 / self.std.flatten())                                # normalisation x -> (x - mean) / std
+        self.norm, self.shift = n, (-self.mean / self.std).view(1, 1, c)
+        if self.rgb:
+            gray_w = _GRAY.to(dev)
+            self.gray_w = gray_w
+            self.to_gray = torch.outer(torch.ones(3, device=dev), gray_w)      # every channel <- the grey value
+            self.from_gray = torch.eye(3, device=dev) - self.to_gray
+            self.norm_gray = n @ self.to_gray
+            self.hue_k = _HUE_K.to(dev)                                       # H(a) = K0 + cos a K1 + sin a K2
+            self.phase = torch.tensor([0.0, math.pi / 2], device=dev)         # cos(a - pi/2) = sin(a)
+
+    def base_grid(self, h: int, w: int, dev) -> torch.Tensor:
+        """(x, y) pixel centres in [-1, 1] (F.affine_grid's, align_corners=False), cached per size."""
+        key = (h, w, str(dev))
+        if key not in self.grids:
+            ys, xs = ((torch.arange(n, device=dev, dtype=torch.float32) * 2 + 1) / n - 1 for n in (h, w))
+            self.grids[key] = torch.stack([xs.expand(h, w), ys.view(h, 1).expand(h, w)], dim=-1)
+        return self.grids[key]
 
     def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        x = x_uint8.float().div_(255)
-        b, dev = x.shape[0], x.device
-        u = torch.rand(b, 8, device=dev)   # every random number of the batch in one draw
-        area = self.crop_min + (1 - self.crop_min) * u[:, 0]
-        log_ratio = self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[:, 1]
-        w = (area * log_ratio.exp()).sqrt().clamp(max=1)        # crop size as a fraction of the side
-        h = (area / log_ratio.exp()).sqrt().clamp(max=1)
-        cx = (1 - w) * (2 * u[:, 2] - 1)                        # crop centre in [-1, 1] coordinates
-        cy = (1 - h) * (2 * u[:, 3] - 1)
-        flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
-        theta = torch.zeros(b, 2, 3, device=dev)
-        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        b, c, hgt, wid = x_uint8.shape
+        dev = x_uint8.device
+        u = torch.rand(b, 11, device=dev)  # every random number of the batch in one draw
+        p = torch.addcmul(self.lo, self.span, u)
+        # random resized crop + flip: grid = (w * flip * x + cx, h * y + cy), one resampling
+        wh = (p[:, 0:1] * (p[:, 1:2] * self.pm).exp()).sqrt().clamp_(max=1)   # crop size as a fraction of the side
+        centre = (1 - wh) * p[:, 2:4]                                       # crop centre in [-1, 1] coordinates
+        scale = wh * torch.where(p[:, 4:5] < 0.5, self.flip[0], self.flip[1])
+        grid = torch.addcmul(centre.view(b, 1, 1, 2), self.base_grid(hgt, wid, dev), scale.view(b, 1, 1, 2))
+        x = F.grid_sample(x_uint8.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-        jitter = (u[:, 5] < 0.8).float().view(b, 1, 1, 1)
-        f = torch.rand(b, 4, 1, 1, 1, device=dev) * 2 * self.s + 1 - self.s   # factors in [1-s, 1+s]
-        y = x * f[:, 0]                                                        # brightness
-        m = y.mean(dim=(1, 2, 3), keepdim=True) if not self.rgb else _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-        y = (y - m) * f[:, 1] + m                                              # contrast
-        if self.rgb:
-            g = _gray(y)
-            y = (y - g) * f[:, 2] + g                                          # saturation
-            y = _hue_rotate(y, (torch.rand(b, device=dev) * 2 - 1) * self.hue)
-        x = (jitter * y + (1 - jitter) * x).clamp_(0, 1)
-        if self.rgb:
-            gray = (u[:, 6] < 0.2).float().view(b, 1, 1, 1)
-            x = gray * _gray(x).expand_as(x) + (1 - gray) * x
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        jitter = (p[:, 5] < 0.8).view(b, 1, 1)
+        fb, fc = p[:, 7].view(b, 1, 1), p[:, 8].view(b, 1, 1)
+        if not self.rgb:   # brightness y = fb x, contrast y = fc (y - m) + m with m the image's mean
+            m = fb * x.mean(dim=(1, 2, 3)).view(b, 1, 1)
+            a = torch.where(jitter, fb * fc, self.eye)
+            x = torch.addcmul((1 - fc) * m * jitter, a, x.reshape(b, 1, -1)).clamp_(0, 1)
+            out = torch.addcmul(self.shift, x.view(b, -1, 1), self.norm)     # (x - mean) / std
+            return out.view(b, hgt, wid, 1).permute(0, 3, 1, 2)
+        # RGB: colour vector v -> A v + c with A = fb fc H S (saturation S = fs I + (1 - fs) 1 g^T,
+        # hue H = YIQ^-1 rot(a) YIQ) and c = (1 - fc) m H S 1 (contrast around the mean grey m of fb x)
+        sat = torch.addcmul(self.to_gray, p[:, 9].view(b, 1, 1), self.from_gray)
+        hue = torch.addmm(self.hue_k[0], torch.cos(p[:, 10:11] - self.phase), self.hue_k[1:]).view(b, 3, 3)
+        hs = torch.bmm(hue, sat)
+        m = fb * (x.mean(dim=(2, 3)) @ self.gray_w).view(b, 1, 1)
+        a = torch.where(jitter, fb * fc * hs, self.eye)
+        off = ((1 - fc) * m * jitter) * hs.sum(dim=2, keepdim=True)
+        x = torch.baddbmm(off, a, x.reshape(b, 3, -1)).clamp_(0, 1)
+        # grayscale (p = 0.2) and normalisation, written pixel-major: the result is channels-last
+        g = torch.where((p[:, 6] < 0.2).view(b, 1, 1), self.norm_gray, self.norm)
+        out = torch.baddbmm(self.shift, x.transpose(1, 2), g.transpose(1, 2))
+        return out.view(b, hgt, wid, 3).permute(0, 3, 1, 2)
 
     def plain(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """The un-augmented, normalised image (evaluation)."""
         return ((x_uint8.float().div(255) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
 
-def _gray(x):
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-
-
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-
-
-def _hue_rotate(x, turns):
-    """Rotate the chroma (I, Q) plane by `turns` * 360 degrees, per image."""
-    yiq_m = _YIQ.to(x.device)
-    yiq = torch.einsum("ij,bjhw->bihw", yiq_m, x)
-    a = turns * 2 * math.pi
-    cos, sin = a.cos().view(-1, 1, 1), a.sin().view(-1, 1, 1)
-    i, q = yiq[:, 1], yiq[:, 2]
-    yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
-    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(yiq_m), yiq)
+_GRAY = torch.tensor([0.299, 0.587, 0.114])       # ITU-R 601 luma; the weights sum to 1
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+# hue rotation by a of the chroma plane (I, Q): YIQ^-1 [[1, 0, 0], [0, cos, -sin], [0, sin, cos]] YIQ
+# = K0 + cos a K1 + sin a K2; rows: K0, then K1 and K2 flattened
+_HUE_K = torch.stack([torch.linalg.inv(_YIQ) @ e @ _YIQ for e in (
+    torch.diag(torch.tensor([1.0, 0, 0], dtype=torch.float64)), torch.diag(torch.tensor([0, 1.0, 1], dtype=torch.float64)),
+    torch.tensor([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], dtype=torch.float64))]).view(3, 9).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,6 +799,20 @@ def make_encoder(args: RunArgs, channels: int) -> nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
+@torch.no_grad()
+def folded_eval_copy(encoder: nn.Module) -> nn.Module:
+    """An eval-mode copy of the encoder in which every BatchNorm2d that follows a plain Conv2d in a Sequential
+    is folded into that conv (in eval mode BN is a per-channel affine map: w' = w g / s, b' = (b - mu) g / s + beta,
+    s = sqrt(var + eps)): the same function up to float rounding, one pass over the activations fewer per
+    layer. For feature extraction only (the copy does not share parameters with the encoder)."""
+    out = copy.deepcopy(encoder).eval()
+    for seq in [m for m in out.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if type(seq[i]) is nn.Conv2d and isinstance(seq[i + 1], nn.BatchNorm2d) and seq[i + 1].track_running_stats:
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
+    return out
+
+
 def mlp(dims: list[int], bn: bool = True, last_bn: bool = False) -> nn.Sequential:
     """Projector / predictor: Linear (+BN) + ReLU between the given sizes, plain Linear at the end."""
     layers = []
@@ -781,8 +827,20 @@ def mlp(dims: list[int], bn: bool = True, last_bn: bool = False) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-def make_optimizer(params, args: RunArgs, lr: float | None = None):
+def make_optimizer(params, args: RunArgs, lr: float | None = None, reuse=None):
+    """A fresh optimizer (FedAvg: one per client per round). reuse: one this function made before for the same
+    parameters, handed back as a fresh one without new allocations: its state (Adam's moments and step count,
+    SGD's momentum buffers) zeroed in place, which is exactly where a new optimizer starts (tests)."""
     lr = args.lr if lr is None else lr
+    if reuse is not None:
+        if [id(p) for p in params] != [id(p) for g in reuse.param_groups for p in g["params"]]:
+            raise ValueError("make_optimizer(reuse=...) needs the parameters the reused optimizer was made for")
+        for group in reuse.param_groups:
+            group["lr"] = lr
+        state = [t for st in reuse.state.values() for t in st.values() if torch.is_tensor(t)]
+        if state:
+            torch._foreach_zero_(state)
+        return reuse
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     return torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay)

@@ -85,9 +85,10 @@ class SimCLR(nn.Module):
         return self.projector(self.encoder(x))
 
 
-def local_update(model: SimCLR, run: common.Run, idx: torch.Tensor, args: Args):
-    """E epochs of SimCLR on one client's images, with a fresh optimizer; returns (mean loss, images)."""
-    opt = common.make_optimizer(model.parameters(), args)
+def local_update(model: SimCLR, run: common.Run, idx: torch.Tensor, args: Args, opt=None):
+    """E epochs of SimCLR on one client's images, with a fresh optimizer (opt: the previous client's, reset
+    in place to a fresh one's state); returns (mean loss, images)."""
+    opt = common.make_optimizer(list(model.parameters()), args, reuse=opt)
     loss_sum, steps, images = torch.zeros((), device=run.device), 0, 0
     for _ in range(args.local_epochs):
         for b in run.batches(idx):
@@ -106,13 +107,14 @@ def main():
     args, run = common.start(Args)
     model = SimCLR(common.make_encoder(args, run.data.channels), args.proj_dim).to(run.device)
     worker = copy.deepcopy(model)          # one working copy, re-loaded for every client
+    opt = common.make_optimizer(list(worker.parameters()), args)          # reset to fresh for every client
     for rnd in run.rounds({"model": model}):
         picked = run.sample_clients()
         states, losses, images = {}, {}, {}
         for c in run.my_clients(picked):                          # clients train in turn (torchrun: this process's)
             worker.load_state_dict(model.state_dict())            # download the global model
             with run.client(c):                                   # c's own random stream: (seed, round, c)
-                loss, images[c] = local_update(worker, run, run.clients[c], args)
+                loss, images[c] = local_update(worker, run, run.clients[c], args, opt)
             states[c] = {k: v.clone() for k, v in worker.state_dict().items()}   # upload
             losses[c] = loss.item()
         states, losses, images = run.gather(states, losses, images)   # every sampled client's upload, by id

@@ -1,4 +1,5 @@
 """common.py against independent references: losses, aggregation, kNN, partitions, augmentation, data."""
+import copy
 import gzip
 import math
 import pickle
@@ -284,7 +285,111 @@ def test_full_crop_without_jitter_is_identity_resampling():
         assert torch.allclose(o, r, atol=1e-4) or torch.allclose(o, r.flip(-1), atol=1e-4)
 
 
+def reference_augment(aug, x_uint8, u):
+    """The Augment docstring step by step, one image at a time, from the same 11 uniforms per image:
+    crop + flip by F.affine_grid, then (p=0.8) brightness, contrast, saturation, hue as separate
+    operations (hue: YIQ, rotate I/Q, inverse YIQ), clamp, (RGB, p=0.2) grayscale, normalise."""
+    rgb = x_uint8.shape[1] == 3
+    x = x_uint8.float() / 255
+    b = len(x)
+    lo, hi = math.log(3 / 4), math.log(4 / 3)
+    area, log_r = aug.crop_min + (1 - aug.crop_min) * u[:, 0], lo + (hi - lo) * u[:, 1]
+    w, h = (area * log_r.exp()).sqrt().clamp(max=1), (area / log_r.exp()).sqrt().clamp(max=1)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = w * torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = (1 - w) * (2 * u[:, 2] - 1), h, (1 - h) * (2 * u[:, 3] - 1)
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), mode="bilinear",
+                      padding_mode="reflection", align_corners=False)
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+    def gray(y):
+        return 0.299 * y[0:1] + 0.587 * y[1:2] + 0.114 * y[2:3]
+
+    out = []
+    for i in range(b):
+        y = x[i]
+        if u[i, 5] < 0.8:
+            fb, fc, fs = (1 - aug.s + 2 * aug.s * u[i, k] for k in (7, 8, 9))
+            y = y * fb                                                    # brightness
+            m = (gray(y) if rgb else y).mean()
+            y = (y - m) * fc + m                                          # contrast
+            if rgb:
+                y = (y - gray(y)) * fs + gray(y)                          # saturation
+                a = (2 * u[i, 10] - 1) * aug.hue * 2 * math.pi            # hue: rotate the chroma plane
+                c = torch.einsum("ij,jhw->ihw", yiq, y)
+                c = torch.stack([c[0], a.cos() * c[1] - a.sin() * c[2], a.sin() * c[1] + a.cos() * c[2]])
+                y = torch.einsum("ij,jhw->ihw", torch.linalg.inv(yiq), c)
+        y = y.clamp(0, 1)
+        if rgb and u[i, 6] < 0.2:
+            y = gray(y).expand(3, -1, -1)
+        out.append((y - aug.mean[0]) / aug.std[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fused_augment_equals_the_step_by_step_definition(channels):
+    """Augment composes the jitter into per-image matrices; the images must be those of the separate steps."""
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (64, channels, 28, 28), dtype=torch.uint8)
+    data = common.Data(x, None, x, None, 10, (0.5,) * channels, (0.25,) * channels)
+    aug = common.Augment(data, crop_min=0.2, strength=0.4, hue=0.1)
+    torch.manual_seed(0)
+    out = aug(x)
+    torch.manual_seed(0)
+    u = torch.rand(64, 11)                  # Augment draws all of a batch's numbers in this one call
+    assert (u[:, 5] < 0.8).any() and (u[:, 5] >= 0.8).any() and (u[:, 4] < 0.5).any() and (u[:, 6] < 0.2).any()
+    ref = reference_augment(aug, x, u)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()   # float rounding: ~3e-5
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_reused_optimizer_reset_in_place_trains_like_a_fresh_one(optimizer):
+    """Three clients in turn, 3 steps each from the same global weights: an optimizer handed back by
+    make_optimizer(reuse=...) gives bit-identical weights to a new optimizer per client."""
+    args = common.RunArgs(optimizer=optimizer, lr=0.05, weight_decay=1e-4)
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2))
+    data = [torch.randn(3, 8, 6) for _ in range(3)]
+    fresh, reused = copy.deepcopy(start), copy.deepcopy(start)
+    kept = common.make_optimizer(list(reused.parameters()), args)
+    for c, batches in enumerate(data):
+        for model in (fresh, reused):
+            model.load_state_dict(start.state_dict())                  # every client starts from the global model
+            opt = common.make_optimizer(list(model.parameters()), args, lr=0.05 / (c + 1),
+                                        reuse=kept if model is reused else None)
+            for x in batches:
+                opt.zero_grad(set_to_none=True)
+                model(x).pow(2).sum().backward()
+                opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), reused.parameters())), c
+        assert opt is kept and opt.param_groups[0]["lr"] == 0.05 / (c + 1)
+    assert not torch.equal(fresh[0].weight, start[0].weight)
+    with pytest.raises(ValueError):
+        common.make_optimizer(list(start.parameters()), args, reuse=kept)
+
+
 # --- encoders --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("encoder, norm", [("cnn", "bn"), ("cnn", "gnws"), ("resnet18", "bn")])
+def test_folded_eval_copy_is_the_encoder_in_eval_mode(encoder, norm):
+    """BatchNorm folded into the conv before it: same outputs as the encoder in eval mode, with trained
+    (non-trivial) running statistics; the encoder itself stays as it was."""
+    torch.manual_seed(0)
+    net = common.make_encoder(SimpleNamespace(encoder=encoder, norm=norm), 3)
+    for _ in range(3):                                       # running statistics away from 0 / 1
+        net(torch.randn(8, 3, 32, 32) * 2 + 1)
+    folded = common.folded_eval_copy(net)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert net.training
+    with torch.no_grad():
+        want = net.eval()(x)
+    assert torch.allclose(folded(x), want, atol=1e-5, rtol=1e-4)
+    if encoder == "cnn" and norm == "bn":
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 3
+
+
 
 @pytest.mark.parametrize("encoder, norm", [("cnn", "bn"), ("cnn", "gnws"), ("resnet18", "bn"), ("resnet18", "gnws")])
 def test_encoders_output_their_dim(encoder, norm):

@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -256,7 +257,10 @@ def test_benchmark_quick_writes_every_figure(tmp_path):
     for r in res["ratio"]:
         for key in ("in_loop", "bare", "bare_bf16_channels_last"):
             assert r[key]["images_per_s"] > 0 and r[key]["spread"] >= 0, (r["method"], key)
-        assert r["ratio"] == pytest.approx(r["in_loop"]["images_per_s"] / r["bare"]["images_per_s"])
+        assert len(r["ratio_per_round"]) == len(r["ratio_cpu_time_per_round"]) == 2      # --quick: 2 repeats
+        assert r["ratio"] == pytest.approx(statistics.median(r["ratio_per_round"]))       # round / bare block after it
+        assert r["ratio_cpu_time"] == pytest.approx(statistics.median(r["ratio_cpu_time_per_round"]))
+        assert r["in_loop_cpu"]["images_per_s"] > 0 and r["bare_cpu"]["images_per_s"] > 0
     assert next(r for r in res["ratio"] if r["method"] == "mocosfl")["batch_images"] == 100   # the server batch
     p = res["pipeline"]
     for key in ("ours_augment", "torchvision_augment", "ours_train", "torchvision_train"):
@@ -270,9 +274,39 @@ def test_benchmark_quick_writes_every_figure(tmp_path):
     assert q["procs"] == 2 and q["one_process"]["images_per_s"] > 0 and q["procs_rate"]["images_per_s"] > 0
     assert q["ratio"] == pytest.approx(q["procs_rate"]["images_per_s"] / q["one_process"]["images_per_s"])
     assert "| 1 process | 2 processes |" in proc.stdout
+    prof = res["profile"]
+    assert [r["method"] for r in prof["methods"]] == methods.split(",")
+    for r in prof["methods"]:     # the loop does at least the bare step's work, plus augmenting two views
+        assert r["bare_ops_per_step"] > 50 and r["extra_ops_per_step"] >= 2 * prof["augment"]["gray_28"]["ops_per_call"] - 1
+        assert r["loop_ops_per_step"] == pytest.approx(r["bare_ops_per_step"] + r["extra_ops_per_step"])
+    for key in ("download", "upload_copy", "optimizer_step", "fresh_optimizer_and_step", "reset_optimizer_and_step"):
+        assert prof["per_client"][key]["ops"] > 0 and prof["per_client"][key]["us"] > 0, key
+    assert prof["per_client"]["download"]["ops"] == prof["per_client"]["state_tensors"]    # one copy per tensor
+    assert "Operator counts" in proc.stdout
+
+
+def test_kernel_op_count_skips_views_and_counts_leaf_ops_once():
+    """kernel_ops counts the aten ops that compute, once each: not the views, not the composite op above them."""
+    import torch
+    x = torch.randn(4, 6)
+    ops, _ = benchmark.profiled(lambda: (x + 1).mul_(2).view(24), repeats=3)
+    assert ops == 2                                             # add, mul_ (view: no kernel)
+    lin = torch.nn.Linear(6, 3)
+    ops, _ = benchmark.profiled(lambda: lin(x), repeats=2)
+    assert ops == 1                                             # linear -> addmm (t and the view not counted)
+
+
+def test_augment_is_a_few_dozen_ops_per_batch():
+    """The fused augmentation: a bounded number of ops per call whatever the batch (was 62 and 116)."""
+    import torch
+    costs = benchmark.augment_costs(torch.device("cpu"))
+    assert costs["gray_28"]["ops_per_call"] <= 30 and costs["rgb_32"]["ops_per_call"] <= 40, costs
 
 
 @pytest.mark.parametrize("flags, needle", [(["--methods", "fedavg"], "--methods"), (["--sections", "speed"], "--sections"),
+                                           (["--scale-clients", "10,x"], "--scale-clients"),
+                                           (["--scale-methods", "local_cl"], "--scale-methods"),
+                                           (["--render", "no-such.json"], "--render"),
                                            (["--compile", "maybe"], "--compile"), (["--repeats", "-1"], "--repeats")])
 def test_benchmark_bad_flags_exit_2_with_one_line(flags, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -286,6 +286,41 @@ def test_featarc_rule_keeps_a_client_whose_cluster_averages_its_own_model():
     assert dec_ssl.featarc_choose(local, _cluster_models([c0, c1]), run, idx)[0] == 0
 
 
+def _old_featarc_choose(last_local, clusters, run, idx):
+    """The rule as it was (reference): C + 1 separate eval passes, common.features in chunks of 1024."""
+    def feats(encoder):
+        return F.normalize(common.features(encoder, run.data.train_x[idx], run.augment), dim=1)
+    cluster_feats = [feats(m.encoder) for m in clusters]
+    own = feats(last_local)
+    j = int(torch.stack([(own * f).sum(1).mean() for f in cluster_feats]).argmax())
+    return j, cluster_feats[j]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_featarc_one_pass_chooses_what_the_separate_passes_chose(case):
+    """featarc_choose scores every cluster in one chunked pass over the client's images; on constructed
+    cases (2 or 3 clusters with trained BN statistics, a last local model near one cluster, one nearly tied
+    between two, the mean of two, an independent one) it picks the old rule's cluster and returns its anchors."""
+    torch.manual_seed(case)
+    run, idx = _tiny_run(n=300, seed=case), torch.randperm(300)[:290]      # 3 chunks of 128, the last partial
+    encs = [common.SmallCNN(1, width=8) for _ in range(2 + case % 2)]
+    for e in encs:                                                          # BN running statistics != 0 / 1
+        e(torch.randn(64, 1, 28, 28) * (1 + torch.rand(1)))
+        e.eval()
+    near = case % len(encs)
+    local = (_moved(encs[near], 0.01 * (1 + case), seed=case) if case < 6 else
+             common.SmallCNN(1, width=8).eval() if case == 6 else _moved(encs[0], 0.0, seed=0))
+    if case == 7:                                                           # the mean of two clusters
+        local.load_state_dict(common.fedavg([encs[0].state_dict(), encs[1].state_dict()]))
+    clusters = _cluster_models(encs)                                        # (in training mode)
+    modes = [local.training] + [m.encoder.training for m in clusters]
+    j_old, a_old = _old_featarc_choose(local, clusters, run, idx)
+    j_new, a_new = dec_ssl.featarc_choose(local, clusters, run, idx)
+    assert j_new == j_old and (case >= 5 or j_new == near)                # case 5: a near tie (0.64 vs 0.64)
+    assert torch.allclose(a_new, a_old, atol=1e-5)
+    assert [local.training] + [m.encoder.training for m in clusters] == modes         # modes restored
+
+
 def test_featarc_round_loop_uses_the_rule_trains_from_and_aligns_to_the_assigned_cluster(monkeypatch, tmp_path):
     """main() with a rule that puts every client into cluster 1 (client 0's k mod C is 0): the metrics
     say so, each client starts from cluster 1's model and is anchored to its features, next round the
@@ -298,14 +333,14 @@ def test_featarc_round_loop_uses_the_rule_trains_from_and_aligns_to_the_assigned
         seen.append((own.clone(), [f.clone() for f in cluster_feats]))
         return 1
 
-    def update(model, run, idx, args, lr, anchors=None):
+    def update(model, run, idx, args, lr, anchors=None, opt=None):
         own, feats = seen[-1]
         key = int(idx[0])
         assert torch.allclose(dec_ssl.clean_features(model.encoder, run, idx), feats[1], atol=1e-5)  # starts from 1
         assert torch.equal(anchors[idx], feats[1])                                                  # anchored to 1
         if key in trained:                                            # round 2: compared its own last model
             assert torch.allclose(own, trained[key], atol=1e-5)
-        out = real_update(model, run, idx, args, lr, anchors)
+        out = real_update(model, run, idx, args, lr, anchors, opt)
         trained[key] = dec_ssl.clean_features(model.encoder, run, idx)
         uploads.append({k: v.clone() for k, v in model.state_dict().items()})
         return out
@@ -337,9 +372,9 @@ def test_byol_target_at_download_and_unweighted_server_mean(target, monkeypatch,
     entries, uploads = [], []
     real_update = dec_ssl.local_update
 
-    def update(model, run, idx, args, lr, anchors=None):
+    def update(model, run, idx, args, lr, anchors=None, opt=None):
         entries.append({k: v.clone() for k, v in model.state_dict().items()})
-        out = real_update(model, run, idx, args, lr, anchors)
+        out = real_update(model, run, idx, args, lr, anchors, opt)
         uploads.append({k: v.clone() for k, v in model.state_dict().items()})
         return out
 

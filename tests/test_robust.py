@@ -287,7 +287,7 @@ def test_a_metric_that_could_not_be_computed_leaves_the_summary_incomplete(tmp_p
 
 def test_a_run_in_which_no_client_trained_is_not_complete(tmp_path, monkeypatch):
     import fedavg_cl                             # every client returns without a step: images_total stays 0
-    monkeypatch.setattr(fedavg_cl, "local_update", lambda model, run, idx, args: (torch.zeros(()), 0))
+    monkeypatch.setattr(fedavg_cl, "local_update", lambda *a, **k: (torch.zeros(()), 0))
     res = call("fedavg_cl.py", *SMALL, out=tmp_path)
     refused(res, tmp_path, "no client took a training step in any round (nothing was trained)", code=1)
     assert json.loads(next(tmp_path.glob("*/summary.json")).read_text())["complete"] is False

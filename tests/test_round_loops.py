@@ -50,9 +50,9 @@ def _weighted(states, sizes):
 def test_fedavg_round_loop_downloads_trains_each_client_on_its_own_images_and_averages(monkeypatch, tmp_path):
     calls, real = [], fedavg_cl.local_update
 
-    def update(model, run, idx, args):
+    def update(model, run, idx, args, opt=None):
         entry = _state(model)
-        out = real(model, run, idx, args)
+        out = real(model, run, idx, args, opt)
         calls.append(dict(idx=idx.clone(), clients=run.clients, entry=entry, upload=_state(model)))
         return out
 
