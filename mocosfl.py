@@ -65,6 +65,7 @@ the activations autograd keeps, and h_q, h_k, dL/dh_q), measured with saved-tens
 torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): the server batch is
 the whole pool's activations in one vectorised step, and its augmentation is one draw for the pool
 (the one method without per-client random streams); splitting it over processes is not built yet.
+
 Run:      python mocosfl.py --clients 1000 --partition classes --classes-per-client 2   (CPU, minutes)
           python mocosfl.py --clients 5                         (5 clients, 20 images each per step)
           python mocosfl.py --preset paper                      (CIFAR-10 ResNet-18, 1000 clients, 200
