@@ -22,8 +22,8 @@ common.fedavg does); `random` is an Erdos-Renyi graph with edge probability degr
 seeded and redrawn until connected; `torus` is the most square rows x cols grid with wrap-around.
 Consequences: `--topology complete --gossip-steps 1` is fedavg_cl.py --weighted false (tested);
 `--topology none` is local training, but unlike local_cl.py every client starts from the same weights
-and takes a fresh optimizer each round. All clients run in ONE process (torch.distributed is not used:
-each client's row of the stacked weights stands for what it would send to its neighbours).
+and takes a fresh optimizer each round. Without torchrun all clients run in one process, and each
+client's row of the stacked weights stands for what it would send to its neighbours.
 Evaluation: the headline knn_acc / linear_acc (and every other key of the shared evaluation) is the MEAN
 OVER CLIENT MODELS, what a client actually holds; `consensus` holds the same evaluation of the average
 model (which no client holds unless all of them average once more); per-round: knn_acc (client mean),
