@@ -24,10 +24,11 @@ the abstract, introduction and overview figure of the paper could be read, so mu
            features are computed; they were a separate pass after training (one more momentum-encoder
            forward over M images per client and round); now a key is up to one epoch older, was
            normalised with its training batch's statistics, and images of a dropped last partial
-           batch are never picked. The server keeps them for one round only; a client gets all other
-           participants' features, subsampled to --remote-bank rows; online AND momentum encoders
-           restart from the global weights every round; the loss L_FF below; FedAvg weighted by
-           sample counts.
+           batch are never picked (feature_fusion.py --holdout 5000 --crop-min 0.2, seed 0: kNN 0.687,
+           linear 0.803; with the separate pass 0.689, 0.809; one seed, within its noise). The server
+           keeps them for one round only; a client gets all other participants' features, subsampled
+           to --remote-bank rows; online AND momentum encoders restart from the global weights every
+           round; the loss L_FF below; FedAvg weighted by sample counts.
   [reconstruction]  --preset paper: CIFAR-10 and IID are the paper's headline setting (linear probe
            88.90); ResNet-18, 5 clients, 100 rounds x 5 epochs, SGD 0.06, batch 256 and the bank
            sizes are our guesses.
