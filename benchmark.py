@@ -17,8 +17,13 @@ taken under the same load on the same device:
      simclr  encoder + MLP projector, both views in one batch, NT-Xent          local_cl, fedavg_cl, gossip_cl,
                                                                                 dec_ssl, dec_ssl --featarc (+ its align term)
      moco    online encoder + projector on view 1, EMA key encoder on view 2,   feature_fusion, neighborhood_match
-             InfoNCE against a queue, FIFO enqueue; with --symmetric (their     (queue = |Q_l| + |Q_r| rows)
-             default) also view 2 as query and both keys enqueued
+             InfoNCE against a queue, FIFO enqueue; with --symmetric (their     (queue = |Q_l| + |Q_r| rows, |Q_r|
+             default) also view 2 as query and both keys enqueued               the rows a client gets: at most
+                                                                                (participants - 1) x M)
+     moco+nm the moco step + lambda L_NM (neighborhood_match.nm_term, the run's  neighborhood_match (N = the whole
+             --nm-form, --tau-nm, --nm-weight; both views with --symmetric)     queue: Q_r + Q_l; --nm-local false:
+                                                                                its |Q_r| rows); the loop computes
+                                                                                L_NM in warm-up rounds too (x 0)
      sfl     MocoSFL's computation without the split: h_q = C(x_q) with grad,   mocosfl (batch = pool x per-client
              h_k = Cbar(x_k); InfoNCE(S(h_q), Sbar(h_k)) + InfoNCE(S(h_k),      batch, the server's batch; no
              Sbar(h_q)), one queue; GroupNorm + weight standardisation,        per-client weights, no vmap)
@@ -79,6 +84,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -259,6 +265,11 @@ class BareSpec:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     align: bool = False           # dec_ssl --featarc: + alignment of both views' projections to an anchor
+    nm_weight: float = 0.0        # neighborhood_match: lambda of L = L_FF + lambda L_NM (0: no L_NM)
+    nm_form: str = "entropy"      # its --nm-form, --tau-nm, --nm-topk
+    tau_nm: float = 0.05
+    nm_topk: int = 5
+    nm_rows: int = 0              # |N|: the first nm_rows rows of the queue are the neighbours
     cut: int = 1                  # sfl: units of the backbone before the cut
 
 
@@ -284,6 +295,12 @@ def bare_step(spec: BareSpec, device, fast: bool = False, compile_: bool = False
     queue = F.normalize(torch.randn(spec.queue, spec.proj[-1], device=device), dim=1) if spec.queue else None
     anchor = F.normalize(torch.randn(spec.batch, spec.proj[-1], device=device), dim=1)
     ptr = [0]
+    if spec.nm_weight:         # neighborhood_match's own L_NM at the run's settings, N = rows of the same queue
+        import neighborhood_match
+        nm_args = SimpleNamespace(nm_form=spec.nm_form, nm_topk=spec.nm_topk, tau=spec.tau, tau_nm=spec.tau_nm)
+
+        def nm_term(q_, k_):
+            return neighborhood_match.nm_term(q_, k_, queue[:spec.nm_rows], nm_args)
     f_online, f_target = online, target
     if spec.kind == "sfl":     # client part C (and Cbar) before the cut, server S (and Sbar) after it
         (client, server), (client_m, server_m) = split_units(online, spec), split_units(target, spec)
@@ -310,9 +327,12 @@ def bare_step(spec: BareSpec, device, fast: bool = False, compile_: bool = False
                     k = F.normalize(f_target(v2).float(), dim=1)
                     k1 = F.normalize(f_target(v1).float(), dim=1) if spec.symmetric else None
                 loss = common.info_nce(q, k, queue, spec.tau)
+                l_nm = nm_term(q, k) if spec.nm_weight else 0
                 if spec.symmetric:
                     loss = (loss + common.info_nce(q2, k1, queue, spec.tau)) / 2
+                    l_nm = (l_nm + nm_term(q2, k1)) / 2 if spec.nm_weight else 0
                     k = torch.cat([k, k1])
+                loss = loss + spec.nm_weight * l_nm                  # L = L_FF + lambda L_NM
             elif spec.kind == "sfl":
                 h_q = client(v1)
                 with torch.no_grad():
@@ -365,8 +385,12 @@ def spec_for(name: str, cfg: dict) -> BareSpec:
     if name.startswith("dec_ssl"):
         return BareSpec(kind, proj=[a["hidden_dim"], a["proj_dim"] or d], tau=a["tau"], align=a["featarc"], **base)
     if name in ("feature_fusion", "neighborhood_match"):
-        return BareSpec(kind, proj=[d, a["proj_dim"]], tau=a["tau"], queue=a["queue_size"] + a["remote_bank"],
-                        momentum=a["momentum"], symmetric=a.get("symmetric", False), **base)
+        others = max(1, round(a["participation"] * a["clients"])) - 1      # the rows a client downloads
+        remote = min(others * a["remote_features"], a["remote_bank"] or others * a["remote_features"])
+        nm = dict(nm_weight=a["nm_weight"], nm_form=a["nm_form"], tau_nm=a["tau_nm"], nm_topk=a["nm_topk"],
+                  nm_rows=remote + a["queue_size"] * a["nm_local"]) if a.get("nm_weight") else {}
+        return BareSpec(kind, proj=[d, a["proj_dim"]], tau=a["tau"], queue=a["queue_size"] + remote,
+                        momentum=a["momentum"], symmetric=a.get("symmetric", False), **nm, **base)
     if name == "mocosfl":
         pool = max(1, round(a["participation"] * a["clients"]))
         base["batch"] = pool * a["batch_size"]                         # the server's batch
@@ -472,7 +496,7 @@ def measure_ratios(args: Args, device, tmp: Path, fast: bool, compile_: bool) ->
         wall = [(r["images_per_s"], b[0]) for r, b in zip(rows_, blocks)]
         cpu = [(r["images"] / c, b[1]) for r, c, b in zip(rows_, rec["cpu_s"][1:-1], blocks)]
         loop, bare = summarise([p[0] for p in wall]), summarise([p[1] for p in wall])
-        row = {"method": name, "bare_step": kind,
+        row = {"method": name, "bare_step": kind + ("+nm" if spec.nm_weight else ""),
                "batch_images": spec.batch, "command": f"python {module}.py {shlex.join(flags)}",
                "in_loop": loop, "bare": bare, "ratio": statistics.median(i / b for i, b in wall),
                "ratio_cpu_time": statistics.median(i / b for i, b in cpu),

@@ -20,11 +20,17 @@ the abstract, introduction and overview figure of the paper could be read, so mu
   [reconstruction]  everything else: MoCo v2 details (m=0.99, tau=0.1, MLP head,
            random unit-vector queue at start, no shuffle-BN); one local queue per client kept
            across rounds; uploaded features = L2-normalised momentum-encoder projections of M random
-           local images, one augmented view each, computed in train mode at the END of local
-           training (FCL, the authors' predecessor, also shared momentum features); the server
-           keeps them for one round only; a client gets all other participants' features,
-           subsampled to --remote-bank rows; online AND momentum encoders restart from the global
-           weights every round; the loss L_FF below; FedAvg weighted by sample counts.
+           local images, one augmented view each, in train mode (FCL, the authors' predecessor, also
+           shared momentum features), taken from the LAST local epoch: the keys k+ = xi(v2) it
+           computed anyway, kept for M random images of that epoch. The paper does not say when the
+           features are computed; they were a separate pass after training (one more momentum-encoder
+           forward over M images per client and round); now a key is up to one epoch older, was
+           normalised with its training batch's statistics, and images of a dropped last partial
+           batch are never picked (feature_fusion.py --holdout 5000 --crop-min 0.2, seed 0: kNN 0.687,
+           linear 0.803; with the separate pass 0.689, 0.809; one seed, within its noise). The server
+           keeps them for one round only; a client gets all other participants' features, subsampled
+           to --remote-bank rows; online AND momentum encoders restart from the global weights every
+           round; the loss L_FF below; FedAvg weighted by sample counts.
   [reconstruction]  the NM loss, two forms (--nm-form), both matching against the neighbour set
            N = Q_r + Q_l (--nm-local false: Q_r only; with 2 classes per client and disjoint
            classes, remote rows alone hold no feature of the query's class, so remote-only matching
@@ -227,14 +233,16 @@ def remote_rows(counts, m, c, size):
     return rows
 
 
-def local_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args, lam, watch=False):
+def local_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args, lam, watch=False, opt=None):
     """Step 4: E epochs of MoCo with feature fusion and neighborhood matching (weight lam) on one
-    client; returns (mean loss, mean L_NM, images, ptr, mean diagnostics or None); the diagnostics
-    are computed only when `watch` (evaluation rounds)."""
-    opt = common.make_optimizer(model.parameters(), args)
+    client; returns (mean loss, mean L_NM, images, ptr, mean diagnostics or None, the last epoch's keys
+    k+ and their images); the diagnostics are computed only when `watch` (evaluation rounds); opt: the
+    previous client's optimizer, reset in place to a fresh one's state."""
+    opt = common.make_optimizer(list(model.parameters()), args, reuse=opt)
     loss_sum, nm_sum, steps, images = torch.zeros((), device=run.device), torch.zeros((), device=run.device), 0, 0
     diag = torch.zeros(3, device=run.device) if watch else None
     for _ in range(args.local_epochs):
+        last = [], []                                            # this epoch's keys k+ and images (step 1)
         for b in run.batches(idx):
             v1, v2 = run.two_views(b)
             q1 = model(v1)                                       # queries: online encoder theta
@@ -258,17 +266,19 @@ def local_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, ar
             enqueue(queue_y, ptr, y)                             # diagnostic only: the keys' labels
             ptr = enqueue(queue, ptr, keys)                      # local keys only: never remote ones
             loss_sum, nm_sum = loss_sum + loss.detach(), nm_sum + l_nm.detach()
+            last[0].append(k2), last[1].append(b)
             steps, images = steps + 1, images + 2 * len(b)
-    return loss_sum / max(steps, 1), nm_sum / max(steps, 1), images, ptr, (diag / max(steps, 1) if watch else None)
+    return loss_sum / max(steps, 1), nm_sum / max(steps, 1), images, ptr, (diag / max(steps, 1) if watch else None), last
 
 
-@torch.no_grad()
-def upload_features(key_enc, run, idx, m):
-    """Step 1: L2-normalised momentum projections of m random local images (one augmented view each)."""
-    pick = idx[torch.randperm(len(idx), device=idx.device)[:m]]
-    if len(pick) < 2:                                     # BatchNorm needs two images: share nothing
-        return None, pick[:0]
-    return F.normalize(key_enc(run.augment(run.data.train_x[pick])), dim=1), pick
+def upload_features(last, m):
+    """Step 1: (features, images) of m random images of the last local epoch; its keys k+ = xi(v2) are the
+    L2-normalised momentum projections of one augmented view each (the [reconstruction] in the docstring)."""
+    if not last[0] or m < 1:                              # nothing trained (or M = 0): share nothing
+        return None, torch.zeros(0, dtype=torch.long)
+    keys, images = torch.cat(last[0]), torch.cat(last[1])
+    pick = torch.randperm(len(images), device=images.device)[:m]
+    return keys[pick], images[pick]
 
 
 def fn_ratio(query_y, queue_y, remote_y, num_classes):
@@ -284,6 +294,7 @@ def main():
     args, run = common.start(Args)
     model = MoCo(common.make_encoder(args, run.data.channels), args.proj_dim).to(run.device)
     worker, key_enc = copy.deepcopy(model), copy.deepcopy(model)   # re-loaded for every client
+    opt = common.make_optimizer(list(worker.parameters()), args)   # reset in place for every client
     n, d, dev = args.clients, args.proj_dim, run.device
     queues = F.normalize(torch.randn(n, args.queue_size, d, device=dev), dim=2)   # MoCo starts from noise
     queue_y = torch.full((n, args.queue_size), -1, dtype=torch.long, device=dev)
@@ -304,11 +315,11 @@ def main():
                 key_enc.load_state_dict(model.state_dict())           #   (online and momentum encoder)
                 rows = remote_rows(counts, args.remote_features, c, args.remote_bank)   # step 3: remote features
                 remote_feats = feats.flatten(0, 1)[rows]
-                loss, nm, images[c], ptr, dg = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]),
-                                                            remote_feats, run, run.clients[c], args, lam,
-                                                            watch=run.is_eval_round(rnd))
+                loss, nm, images[c], ptr, dg, last = local_update(worker, key_enc, queues[c], queue_y[c], int(ptrs[c]),
+                                                                  remote_feats, run, run.clients[c], args, lam,
+                                                                  watch=run.is_eval_round(rnd), opt=opt)
                 ptrs[c] = ptr
-                z, pick = upload_features(key_enc, run, run.clients[c], args.remote_features)   # step 1
+                z, pick = upload_features(last, args.remote_features)   # step 1: features of the last epoch
                 uploads[c] = (z, run.data.train_y[pick].tolist())  # features; labels only for the diagnostic
                 states[c] = {k: v.clone() for k, v in worker.state_dict().items()}       # step 1: model
                 losses[c], nms[c], down_rows[c] = loss.item(), nm.item(), len(rows)

@@ -329,3 +329,27 @@ def test_bare_sfl_step_is_the_unsplit_mocosfl_loss():
     step, views = benchmark.bare_step(spec, torch.device("cpu"))
     step()
     assert views == 8
+
+
+def test_bare_step_of_neighborhood_match_adds_its_matching_loss(monkeypatch):
+    """neighborhood_match's bare step is feature fusion's plus lambda L_NM: neighborhood_match.nm_term at the
+    run's settings, N = the queue's rows (Q_r + Q_l; a client gets (participants - 1) x M remote rows), both
+    views as query; feature fusion's has no L_NM."""
+    import dataclasses
+    import torch
+    import neighborhood_match
+    flags = ["--clients", "2", "--nm-weight", "0.3", "--tau-nm", "0.07"]
+    spec = benchmark.spec_for("neighborhood_match", benchmark.dry_config("neighborhood_match", flags))
+    assert (spec.kind, spec.nm_weight, spec.tau_nm, spec.nm_form, spec.symmetric) == ("moco", 0.3, 0.07, "entropy", True)
+    assert spec.queue == spec.nm_rows == 1024 + 256                     # |Q_l| + the other client's M rows
+    local_only = benchmark.dry_config("neighborhood_match", flags + ["--nm-local", "false"])
+    assert benchmark.spec_for("neighborhood_match", local_only).nm_rows == 256      # N = Q_r only
+    ff = benchmark.spec_for("feature_fusion", benchmark.dry_config("feature_fusion", ["--clients", "2"]))
+    assert ff.nm_weight == 0 and ff.queue == 1024 + 256
+    calls, real = [], neighborhood_match.nm_term
+    monkeypatch.setattr(neighborhood_match, "nm_term",
+                        lambda q, k, n, a: calls.append((q.shape, len(n), a.tau_nm)) or real(q, k, n, a))
+    step, _ = benchmark.bare_step(dataclasses.replace(spec, batch=4, queue=24, nm_rows=24, proj=[32, 8]),
+                                  torch.device("cpu"))
+    step()
+    assert calls == [(torch.Size([4, 8]), 24, 0.07)] * 2                 # view 1 and view 2 as query

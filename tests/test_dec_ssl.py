@@ -258,23 +258,27 @@ def _cluster_models(encoders):
     return models
 
 
-def test_featarc_rule_moves_a_client_whose_model_belongs_to_the_other_cluster():
+@pytest.mark.parametrize("sample", [0, 16])
+def test_featarc_rule_moves_a_client_whose_model_belongs_to_the_other_cluster(sample):
     """Client 0 (k mod C = 0) whose last local model is close to cluster 1's (its data made it so) and
-    far from cluster 0's: the rule moves it to cluster 1, and its anchors are cluster 1's features."""
+    far from cluster 0's: the rule moves it to cluster 1, and its anchors are cluster 1's features of all
+    its images; also when scored on 16 random images of its 40."""
     torch.manual_seed(8)
     run, idx = _tiny_run(), torch.arange(40)
     c0, c1 = common.SmallCNN(1, width=8), common.SmallCNN(1, width=8)      # initialised independently
     local = _moved(c1, 0.02, seed=1)
-    j, anchors = dec_ssl.featarc_choose(local, _cluster_models([c0, c1]), run, idx)
+    j, anchors = dec_ssl.featarc_choose(local, _cluster_models([c0, c1]), run, idx, sample)
     assert j == 1 and j != 0 % 2
     assert torch.allclose(anchors, dec_ssl.clean_features(c1, run, idx))
     assert not torch.allclose(anchors, dec_ssl.clean_features(c0, run, idx), atol=1e-2)
 
 
-def test_featarc_rule_keeps_a_client_whose_cluster_averages_its_own_model():
+@pytest.mark.parametrize("sample", [0, 16])
+def test_featarc_rule_keeps_a_client_whose_cluster_averages_its_own_model(sample):
     """Why assignments stay at k mod C once the indexing defect is fixed: cluster 0 is the mean of this
     client's last model and a sibling's (both trained from cluster 0), cluster 1 an independent model
-    moved the same way by its own members; the client's own cluster always aligns better."""
+    moved the same way by its own members; the client's own cluster always aligns better (also on 16
+    random images of its 40)."""
     torch.manual_seed(9)
     run, idx = _tiny_run(), torch.arange(40)
     start0, start1 = common.SmallCNN(1, width=8), common.SmallCNN(1, width=8)
@@ -283,7 +287,7 @@ def test_featarc_rule_keeps_a_client_whose_cluster_averages_its_own_model():
     c0.load_state_dict(common.fedavg([local.state_dict(), sibling.state_dict()]))
     c1 = copy.deepcopy(start1)
     c1.load_state_dict(common.fedavg([_moved(start1, 0.05, seed=4).state_dict(), _moved(start1, 0.05, seed=5).state_dict()]))
-    assert dec_ssl.featarc_choose(local, _cluster_models([c0, c1]), run, idx)[0] == 0
+    assert dec_ssl.featarc_choose(local, _cluster_models([c0, c1]), run, idx, sample)[0] == 0
 
 
 def _old_featarc_choose(last_local, clusters, run, idx):
@@ -296,11 +300,13 @@ def _old_featarc_choose(last_local, clusters, run, idx):
     return j, cluster_feats[j]
 
 
+@pytest.mark.parametrize("sample", [0, dec_ssl.Args().featarc_sample])
 @pytest.mark.parametrize("case", range(8))
-def test_featarc_one_pass_chooses_what_the_separate_passes_chose(case):
+def test_featarc_one_pass_chooses_what_the_separate_passes_chose(case, sample):
     """featarc_choose scores every cluster in one chunked pass over the client's images; on constructed
     cases (2 or 3 clusters with trained BN statistics, a last local model near one cluster, one nearly tied
-    between two, the mean of two, an independent one) it picks the old rule's cluster and returns its anchors."""
+    between two, the mean of two, an independent one) it picks the old rule's cluster and returns its anchors
+    of all the images; also when it scores the clusters on --featarc-sample's default of random images."""
     torch.manual_seed(case)
     run, idx = _tiny_run(n=300, seed=case), torch.randperm(300)[:290]      # 3 chunks of 128, the last partial
     encs = [common.SmallCNN(1, width=8) for _ in range(2 + case % 2)]
@@ -315,10 +321,29 @@ def test_featarc_one_pass_chooses_what_the_separate_passes_chose(case):
     clusters = _cluster_models(encs)                                        # (in training mode)
     modes = [local.training] + [m.encoder.training for m in clusters]
     j_old, a_old = _old_featarc_choose(local, clusters, run, idx)
-    j_new, a_new = dec_ssl.featarc_choose(local, clusters, run, idx)
+    j_new, a_new = dec_ssl.featarc_choose(local, clusters, run, idx, sample)
     assert j_new == j_old and (case >= 5 or j_new == near)                # case 5: a near tie (0.64 vs 0.64)
     assert torch.allclose(a_new, a_old, atol=1e-5)
     assert [local.training] + [m.encoder.training for m in clusters] == modes         # modes restored
+
+
+def test_featarc_scores_a_sample_then_computes_anchors_for_the_chosen_cluster_only(monkeypatch):
+    """--featarc-sample S < N images: S images go through the last local model and the C cluster models,
+    the other N - S through the chosen cluster's only, i.e. N + C x S image passes instead of (C + 1) x N;
+    the scored images are a fresh random draw."""
+    torch.manual_seed(3)
+    run, idx = _tiny_run(n=200), torch.arange(100, 200)          # the client's images: not 0 .. N-1
+    encs = [common.SmallCNN(1, width=8).eval() for _ in range(3)]
+    calls, real = [], dec_ssl.clean_features_of
+    monkeypatch.setattr(dec_ssl, "clean_features_of",
+                        lambda encoders, run_, images, *a: calls.append((len(encoders), images.tolist())) or
+                        real(encoders, run_, images, *a))
+    j, anchors = dec_ssl.featarc_choose(_moved(encs[2], 0.01, seed=0), _cluster_models(encs), run, idx, 30)
+    assert j == 2 and [(n, len(images)) for n, images in calls] == [(4, 30), (1, 70)]
+    assert sorted(calls[0][1] + calls[1][1]) == idx.tolist()                  # every image: scored or not
+    assert torch.allclose(anchors, real([encs[2]], run, idx)[0], atol=1e-5)   # cluster 2's, in idx's order
+    dec_ssl.featarc_choose(encs[0], _cluster_models(encs), run, idx, 30)
+    assert calls[2][1] != calls[0][1]
 
 
 def test_featarc_round_loop_uses_the_rule_trains_from_and_aligns_to_the_assigned_cluster(monkeypatch, tmp_path):
@@ -326,27 +351,36 @@ def test_featarc_round_loop_uses_the_rule_trains_from_and_aligns_to_the_assigned
     say so, each client starts from cluster 1's model and is anchored to its features, next round the
     rule sees the client's own last model, cluster 1 becomes the mean of its members' uploads and
     cluster 0, without members, keeps its weights."""
-    seen, trained, uploads = [], {}, []
-    real_update = dec_ssl.local_update
+    seen, trained, uploads, cluster_states = [], {}, [], []
+    real_update, real_choose = dec_ssl.local_update, dec_ssl.featarc_choose
 
     def rule(own, cluster_feats):
         seen.append((own.clone(), [f.clone() for f in cluster_feats]))
         return 1
 
+    def among(rows, feats):                                           # every row is one of feats' rows
+        return torch.cdist(rows, feats, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-4
+
     def update(model, run, idx, args, lr, anchors=None, opt=None):
         own, feats = seen[-1]
         key = int(idx[0])
-        assert torch.allclose(dec_ssl.clean_features(model.encoder, run, idx), feats[1], atol=1e-5)  # starts from 1
-        assert torch.equal(anchors[idx], feats[1])                                                  # anchored to 1
-        if key in trained:                                            # round 2: compared its own last model
-            assert torch.allclose(own, trained[key], atol=1e-5)
+        assert len(own) == args.featarc_sample == 64 < len(idx)       # scored on 64 random images of 100
+        start = dec_ssl.clean_features(model.encoder, run, idx)
+        assert among(feats[1], start) and torch.allclose(anchors[idx], start, atol=1e-5)   # starts from and
+        if key in trained:                                            # is anchored to 1; round 2: compared
+            assert among(own, trained[key])                           # its own last model
         out = real_update(model, run, idx, args, lr, anchors, opt)
         trained[key] = dec_ssl.clean_features(model.encoder, run, idx)
         uploads.append({k: v.clone() for k, v in model.state_dict().items()})
         return out
 
+    def choose(last_local, clusters, *a):
+        cluster_states.append([{k: v.clone() for k, v in m.encoder.state_dict().items()} for m in clusters])
+        return real_choose(last_local, clusters, *a)
+
     monkeypatch.setattr(dec_ssl, "assign_cluster", rule)
     monkeypatch.setattr(dec_ssl, "local_update", update)
+    monkeypatch.setattr(dec_ssl, "featarc_choose", choose)
     with pytest.raises(SystemExit) as stop:     # cluster 0 never trained: the run ends incomplete, exit 1
         run_in_process(dec_ssl, *SMALL, "--clients", "2", "--partition", "iid", "--featarc", "true",
                        "--clusters", "2", "--hidden-dim", "16", out=tmp_path / "runs", monkeypatch=monkeypatch)
@@ -357,8 +391,9 @@ def test_featarc_round_loop_uses_the_rule_trains_from_and_aligns_to_the_assigned
     assert [m["assign"] for m in metrics] == [[1, 1], [1, 1]]
     assert len(seen) == 4 and len(trained) == 2
     for c in (0, 1):                    # calls: round 1 client 0, client 1, round 2 client 0, client 1
-        assert torch.equal(seen[2 + c][1][0], seen[c][1][0])             # cluster 0 never changed
-        assert not torch.allclose(seen[2 + c][1][1], seen[c][1][1])      # cluster 1 did
+        before, after = cluster_states[c], cluster_states[2 + c]
+        assert all(torch.equal(after[0][k], v) for k, v in before[0].items())         # cluster 0 never changed
+        assert not all(torch.allclose(after[1][k], v) for k, v in before[1].items())  # cluster 1 did
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=False)["state"]["clusters"]
     for k, v in uploads[2].items():                                        # round 2's two uploads
         if v.is_floating_point():

@@ -19,7 +19,8 @@ BUDGET = ["--train-size", "200", "--test-size", "100", "--rounds", "3", "--local
           "--eval-every", "2", "--probe-epochs", "1", "--device", "cpu"]
 FLAGS = {"fedavg_cl.py": [*BUDGET, "--clients", "4", "--participation", "0.75"],   # 3 of 4 sampled: 2 + 1 per process
          "local_cl.py": [*BUDGET, "--clients", "3"],                               # 2 clients on process 0, 1 on process 1
-         "dec_ssl.py": [*BUDGET, "--clients", "4", "--participation", "0.75", "--featarc", "true", "--clusters", "2"],
+         "dec_ssl.py": [*BUDGET, "--clients", "4", "--participation", "0.75", "--featarc", "true", "--clusters", "2",
+                        "--featarc-sample", "16"],                         # 50 images a client: 16 scored
          "fed_cluster.py": [*BUDGET, "--rounds", "4", "--cluster-rounds", "2", "--clients", "4", "--participation", "0.75",
                             "--keep-target", "true"],                              # both stages, targets kept per client
          "gossip_cl.py": [*BUDGET, "--clients", "3"],

@@ -143,7 +143,7 @@ def one_step(mod, remote, **kw):
 
 
 def test_without_remote_features_one_step_is_fedavg_moco():
-    model, queue, queue_y, (loss, images, ptr, _) = one_step(ff, torch.zeros(0, 16), symmetric=False)
+    model, queue, queue_y, (loss, images, ptr, _, _) = one_step(ff, torch.zeros(0, 16), symmetric=False)
     torch.manual_seed(0)                                 # the same step written as plain MoCo v2
     ref = ff.MoCo(common.SmallCNN(1), 16)
     key = copy.deepcopy(ref)
@@ -175,11 +175,11 @@ def test_remote_features_change_the_update_but_never_enter_the_queue(mod):
 
 def test_nm_weight_zero_is_feature_fusion():
     remote = unit(10, 16, seed=9).float()
-    m_ff, q_ff, _, (l_ff, _, _, _) = one_step(ff, remote)
+    m_ff, q_ff, _, (l_ff, _, _, _, _) = one_step(ff, remote)
     torch.manual_seed(0)
     model = nm.MoCo(common.SmallCNN(1), 16)
     args, queue = nm.Args(optimizer="sgd", lr=0.1, momentum=0.9, nm_local=False), unit(32, 16, seed=7).float()
-    l_nm, ent, _, _, _ = nm.local_update(model, copy.deepcopy(model), queue, torch.full((32,), -1), 30, remote,
+    l_nm, ent, _, _, _, _ = nm.local_update(model, copy.deepcopy(model), queue, torch.full((32,), -1), 30, remote,
                                       StubRun(), torch.arange(8), args, 0.0)
     assert l_nm.item() == pytest.approx(l_ff.item(), rel=1e-6) and 0 < ent.item() <= math.log(10) + 1e-6
     for a, b in zip(model.parameters(), m_ff.parameters()):
@@ -309,7 +309,7 @@ def test_symmetric_steps_use_both_views_as_query_enqueue_both_keys_and_move_the_
     model = ff.MoCo(common.SmallCNN(1), 16)
     key_enc, args = copy.deepcopy(model), ff.Args(optimizer="sgd", lr=0.1, momentum=0.9)   # symmetric by default
     queue, queue_y = unit(32, 16, seed=7).float(), torch.full((32,), -1)
-    loss, images, ptr, _ = ff.local_update(model, key_enc, queue, queue_y, 30, torch.zeros(0, 16),
+    loss, images, ptr, _, _ = ff.local_update(model, key_enc, queue, queue_y, 30, torch.zeros(0, 16),
                                            StubRun(steps=2), torch.arange(8), args)
     torch.manual_seed(0)                                 # the same two steps written out by hand
     ref = ff.MoCo(common.SmallCNN(1), 16)
@@ -348,7 +348,7 @@ def test_nm_steps_add_lambda_times_the_matching_loss_over_local_and_remote(form,
     model = nm.MoCo(common.SmallCNN(1), 16)
     key_enc, args = copy.deepcopy(model), nm.Args(optimizer="sgd", lr=0.1, momentum=0.9, nm_form=form, nm_local=local, nm_topk=3)
     queue = unit(32, 16, seed=7).float()
-    loss, l_nm, _, _, _ = nm.local_update(model, key_enc, queue, torch.full((32,), -1), 30, remote,
+    loss, l_nm, _, _, _, _ = nm.local_update(model, key_enc, queue, torch.full((32,), -1), 30, remote,
                                           StubRun(steps=2), torch.arange(8), args, lam)
     torch.manual_seed(0)                                 # two steps by hand, with the loop-checked loss functions
     ref = nm.MoCo(common.SmallCNN(1), 16)
@@ -378,6 +378,49 @@ def test_nm_steps_add_lambda_times_the_matching_loss_over_local_and_remote(form,
     torch.testing.assert_close(queue, bank)
 
 
+class ShuffledRun(StubRun):
+    """Shuffled batches of 4 of the client's 14 images (the last 2 of each epoch dropped, as common.Run
+    drops a partial batch), fresh random views every step; records each step's images and view 2."""
+
+    def __init__(self):
+        super().__init__(n=14)
+        self.steps_seen = []
+
+    def batches(self, idx):
+        order = idx[torch.randperm(len(idx))]
+        for i in range(0, len(order) - 3, 4):
+            yield order[i:i + 4]
+
+    def two_views(self, b):
+        v1, v2 = torch.randn(len(b), 1, 28, 28), torch.randn(len(b), 1, 28, 28)
+        self.steps_seen.append((b.clone(), v2.clone()))
+        return v1, v2
+
+
+@pytest.mark.parametrize("mod", [ff, nm])
+@pytest.mark.parametrize("m", [5, 100])
+def test_uploaded_features_are_the_last_epochs_momentum_keys_of_the_picked_images(mod, m):
+    """[reconstruction] step 1 uploads, for m random images of the last local epoch (all of them if
+    fewer), the key k+ = normalize(xi(v2)) that epoch's step computed for the image: no separate pass."""
+    torch.manual_seed(0)
+    model = mod.MoCo(common.SmallCNN(1, width=8), 16)
+    key_enc, run, calls = copy.deepcopy(model), ShuffledRun(), []
+    forward = key_enc.forward
+    key_enc.forward = lambda x: calls.append((x, forward(x))) or calls[-1][1]   # records what xi saw and gave
+    args = mod.Args(optimizer="sgd", lr=0.1, local_epochs=2, remote_features=m)
+    out = mod.local_update(model, key_enc, unit(32, 16, seed=7).float(), torch.full((32,), -1), 0, torch.zeros(0, 16),
+                           run, torch.arange(14), args, *((0.5,) if mod is nm else ()))
+    z, pick = mod.upload_features(out[-1], args.remote_features)
+    last_epoch = run.steps_seen[3:]                           # 3 steps per epoch
+    trained = torch.cat([b for b, _ in last_epoch])
+    assert len(pick) == min(m, 12) and len(set(pick.tolist())) == len(pick) and set(pick.tolist()) <= set(trained.tolist())
+    for row, image in zip(z, pick.tolist()):
+        step = next(s for s, (b, _) in enumerate(last_epoch) if image in b.tolist())
+        b, v2 = last_epoch[step]
+        x, k = next((x, k) for x, k in calls if torch.equal(x, v2))                # xi's output on that view 2
+        torch.testing.assert_close(row, F.normalize(k, dim=1)[b.tolist().index(image)])
+
+
 # --- the round loop, recorded in process: write-backs, aggregation, per-client state ---------------
 
 LOOP = ["--train-size", "300", "--test-size", "100", "--clients", "3", "--partition", "dirichlet", "--alpha", "0.5",
@@ -401,13 +444,13 @@ def record_rounds(mod, monkeypatch, tmp_path, *flags):
         call = dict(model=clone(model.state_dict()), key=clone(key_enc.state_dict()), queue=queue.clone(), ptr=ptr,
                     remote=remote_feats.clone(), idx=idx.clone(), rest=rest, watch=kw.get("watch"))
         out = real_update(model, key_enc, queue, queue_y, ptr, remote_feats, run, idx, args, *rest, **kw)
-        call.update(out_model=clone(model.state_dict()), out_queue=queue.clone(), out_ptr=out[-2])
+        call.update(out_model=clone(model.state_dict()), out_queue=queue.clone(), out_ptr=out[-3])
         rec["calls"].append(call)
         return out
 
-    def upload(key_enc, run, idx, m):
-        z, pick = real_upload(key_enc, run, idx, m)
-        rec["uploads"].append(dict(idx=idx.clone(), z=z.clone(), pick=pick.clone()))
+    def upload(last, m):
+        z, pick = real_upload(last, m)
+        rec["uploads"].append(dict(z=z.clone(), pick=pick.clone()))
         return z, pick
 
     monkeypatch.setattr(common, "start", start)
@@ -440,7 +483,7 @@ def test_round_loop_downloads_aggregates_and_keeps_each_clients_queue(mod, monke
     for r, rnd in enumerate((first, second)):
         for c, call in enumerate(rnd):
             assert torch.equal(call["idx"], run.clients[c])      # client c trains on its own images
-            assert torch.equal(ups[r * n + c]["idx"], run.clients[c])
+            assert set(ups[r * n + c]["pick"].tolist()) <= set(run.clients[c].tolist())   # its own images
             for key in call["model"]:                            # online and momentum encoder = the global model
                 torch.testing.assert_close(call["key"][key], call["model"][key])
                 expected = first[0]["model"][key] if r == 0 else avg[key].to(call["model"][key].dtype)
