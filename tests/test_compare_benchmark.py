@@ -338,13 +338,16 @@ def test_bare_step_of_neighborhood_match_adds_its_matching_loss(monkeypatch):
     import dataclasses
     import torch
     import neighborhood_match
-    flags = ["--clients", "2", "--nm-weight", "0.3", "--tau-nm", "0.07"]
+    banks = ["--queue-size", "1024", "--remote-bank", "1024"]
+    flags = ["--clients", "2", "--nm-weight", "0.3", "--tau-nm", "0.07", *banks]
     spec = benchmark.spec_for("neighborhood_match", benchmark.dry_config("neighborhood_match", flags))
     assert (spec.kind, spec.nm_weight, spec.tau_nm, spec.nm_form, spec.symmetric) == ("moco", 0.3, 0.07, "entropy", True)
     assert spec.queue == spec.nm_rows == 1024 + 256                     # |Q_l| + the other client's M rows
     local_only = benchmark.dry_config("neighborhood_match", flags + ["--nm-local", "false"])
     assert benchmark.spec_for("neighborhood_match", local_only).nm_rows == 256      # N = Q_r only
-    ff = benchmark.spec_for("feature_fusion", benchmark.dry_config("feature_fusion", ["--clients", "2"]))
+    capped = benchmark.dry_config("neighborhood_match", ["--clients", "4", "--queue-size", "300", "--remote-bank", "500"])
+    assert benchmark.spec_for("neighborhood_match", capped).nm_rows == 300 + 500     # 3 x 256 received, 500 kept
+    ff = benchmark.spec_for("feature_fusion", benchmark.dry_config("feature_fusion", ["--clients", "2", *banks]))
     assert ff.nm_weight == 0 and ff.queue == 1024 + 256
     calls, real = [], neighborhood_match.nm_term
     monkeypatch.setattr(neighborhood_match, "nm_term",
