@@ -143,8 +143,9 @@ class Args(common.RunArgs):
         for name in ("tau", "moco_tau", "hidden_dim", "clusters"):
             if getattr(self, name) <= 0:
                 common.fail(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
-        if self.proj_dim < 0 or self.queue_size < 0 or self.lam < 0 or self.featarc_sample < 0:
-            common.fail("--proj-dim, --queue-size, --lam and --featarc-sample must be >= 0")
+        for name in ("proj_dim", "queue_size", "lam", "featarc_sample"):
+            if getattr(self, name) < 0:
+                common.fail(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if not 0 <= self.ema < 1:
             common.fail(f"--ema must be in [0, 1) (got {self.ema})")
         if self.featarc and self.proj_dim:

@@ -109,6 +109,7 @@ def test_meaningless_values_are_refused_up_front(script, flags, needle, tmp_path
     ("mocosfl.py", ["--queue-size", "1000000000"], "GiB"),
     ("neighborhood_match.py", ["--nm-weight", "-1"], "--nm-weight must be >= 0"),
     ("dec_ssl.py", ["--lam", "-1"], "--lam must be >= 0"),
+    ("dec_ssl.py", ["--featarc-sample", "-1"], "--featarc-sample must be >= 0"),
     ("fed_cluster.py", ["--lambda-c", "-1"], "--lambda-c must be >= 0"),
     ("fedavg_cl.py", ["--train-size", "600", "--clients", "600", "--partition", "iid"], "more than the 600"),
 ])
