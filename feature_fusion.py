@@ -70,11 +70,11 @@ FedAvg + MoCo (python feature_fusion.py --remote-features 0 --holdout 5000 ...),
     neighborhood_match.py --queue-size 256 --remote-bank 256   kNN 0.734 / 0.714, linear 0.825 / 0.819
   so --queue-size 256 and --remote-bank 256 are the defaults of both files (the FedAvg + MoCo ablation
   = --remote-features 0 gets the same queue); smaller queues were not tried. These runs used the separate
-  upload pass, before the last-epoch keys above (commit f777e61). Why a smaller queue helps here: its keys
-  come from fewer past steps (256 keys = one batch of 128 images x 2 views, i.e. the last step's), so
-  fewer stale keys from older encoders; with 2 classes per client half its rows still share the query's
-  class either way (fn_ratio_local 0.50 at both sizes).
-Expected (holdout, default flags, seeds 0 / 1, random encoder 0.689 / 0.680): kNN 0.735 / 0.722,
+  upload pass, before the last-epoch keys above (commit f777e61). A likely reason, not tested: 256 keys
+  are exactly the previous step's (128 images x 2 views), so no keys from much older encoders; the share
+  of rows with the query's class is the same at both sizes (fn_ratio_local 0.50).
+Expected (holdout, default flags with the separate upload pass, seeds 0 / 1, random encoder 0.689 /
+0.680): kNN 0.735 / 0.722,
 linear 0.824 / 0.821, kNN with 1 % of the labels 0.574 / 0.525 (FedAvg + MoCo at this queue 0.726 /
 0.717, FedAvg + SimCLR 0.728 / 0.727); fn_ratio falls from 0.50 (local queue) to 0.28 with the remote
 bank (2 classes per client); remote_mass 0.16; pos_beats_queue 0.25-0.40 and pos_beats_batch 0.25-0.43
