@@ -74,9 +74,8 @@ FedAvg + MoCo (python feature_fusion.py --remote-features 0 --holdout 5000 ...),
   are exactly the previous step's (128 images x 2 views), so no keys from much older encoders; the share
   of rows with the query's class is the same at both sizes (fn_ratio_local 0.50).
 Expected (holdout, default flags with the separate upload pass, seeds 0 / 1, random encoder 0.689 /
-0.680): kNN 0.735 / 0.722,
-linear 0.824 / 0.821, kNN with 1 % of the labels 0.574 / 0.525 (FedAvg + MoCo at this queue 0.726 /
-0.717, FedAvg + SimCLR 0.728 / 0.727); fn_ratio falls from 0.50 (local queue) to 0.28 with the remote
+0.680): kNN 0.735 / 0.722, linear 0.824 / 0.821, kNN with 1 % of the labels 0.574 / 0.525 (FedAvg +
+MoCo at this queue 0.726 / 0.717, FedAvg + SimCLR 0.728 / 0.727); fn_ratio falls from 0.50 (local queue) to 0.28 with the remote
 bank (2 classes per client); remote_mass 0.16; pos_beats_queue 0.25-0.40 and pos_beats_batch 0.25-0.43
 (rounds 10-20). Test-set numbers: README's results.
 """
