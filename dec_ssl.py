@@ -20,7 +20,8 @@ ResNet-18, 5 clients, 500 epochs = 10 rounds x 50 local epochs, batch 256, Adam 
 [reconstruction] BYOL (EMA target, predictor, 2-2cos) and MoCo v2 (EMA key encoder, queue, InfoNCE tau 0.2,
 symmetrised over the views, no shuffled BN) for the paper's "range of" SSL methods, with our hidden sizes.
 Their target network is averaged like the online network (`--target average`) or reset to the new global
-online network each round (`--target reset`); MoCo's queue stays on the client and is emptied every round.
+online network each round (`--target reset`); MoCo's queue stays on the client and is emptied every round,
+so a round's first step takes its negatives from the batch: the keys of the other images.
 `--bn-reestimate` recomputes BN statistics on the training set before evaluation (the code's probe does it
 while training); off by default, so the evaluation is the shared protocol's. Clients per round are
 round(pK) (shared protocol), the code uses max(floor(pK), 1). Both views go through the network as one
@@ -113,7 +114,7 @@ class Args(common.RunArgs):
     moco_tau: float = 0.2
     """InfoNCE temperature (MoCo v2)"""
     queue_size: int = 1024
-    """MoCo queue length (on the client, emptied every round)"""
+    """MoCo queue length (on the client, emptied every round; its first step uses in-batch negatives)"""
     ema: float = 0.99
     """EMA momentum of the BYOL/MoCo target network"""
     target: str = "average"
@@ -179,8 +180,22 @@ def byol_loss(p1, p2, t1, t2):
 
 
 def moco_loss(q1, q2, k1, k2, queue, tau):
-    """MoCo v2 InfoNCE (MoCo Eq. 1) both ways: positive = the other view's key, negatives = the queue."""
-    return (common.info_nce(q1, k2.detach(), queue, tau) + common.info_nce(q2, k1.detach(), queue, tau)) / 2
+    """MoCo v2 InfoNCE (MoCo Eq. 1) both ways: positive = the other view's key, negatives = the queue; while
+    the queue is empty (a round's first step) the batch's keys of the OTHER images ([reconstruction]: with no
+    negatives InfoNCE is exactly 0 and Adam's step would be weight decay alone)."""
+    k1, k2 = k1.detach(), k2.detach()
+    if len(queue) == 0:
+        return (in_batch_info_nce(q1, k2, k1, tau) + in_batch_info_nce(q2, k1, k2, tau)) / 2
+    return (common.info_nce(q1, k2, queue, tau) + common.info_nce(q2, k1, queue, tau)) / 2
+
+
+def in_batch_info_nce(q, k, k_same, tau):
+    """InfoNCE of q_i: positive k_i, negatives the 2B - 2 keys k_j, k_same_j (j != i) of the other images."""
+    keys = F.normalize(torch.cat([k, k_same]), dim=1)
+    logits = F.normalize(q, dim=1) @ keys.t() / tau                    # B x 2B, column i = the positive
+    own = torch.eye(len(q), dtype=torch.bool, device=q.device)
+    logits = logits.masked_fill(torch.cat([torch.zeros_like(own), own], dim=1), float("-inf"))   # k_same_i: same image
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
 
 
 def featarc_align(a, z1, z2):

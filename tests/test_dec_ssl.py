@@ -449,19 +449,61 @@ def test_alignment_term_enters_the_loss_with_weight_lambda():
     assert abs(dec_ssl.featarc_align(anchors, z1, z2).item()) > 1e-3       # the term is not negligible
 
 
-def test_moco_queue_starts_empty_every_round(monkeypatch):
-    """MoCo's queue lives on the client for one local update: 0 keys at its first step, 2B more per step."""
-    torch.manual_seed(11)
+def test_moco_with_an_empty_queue_takes_the_other_images_keys_as_negatives():
+    """A round's first step (empty queue): q_i's negatives are k1_j, k2_j for j != i, checked against a loop."""
+    torch.manual_seed(12)
+    q1, q2 = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    k1, k2 = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    loss = dec_ssl.moco_loss(q1, q2, k1, k2, torch.zeros(0, 5), 0.2)
+
+    def infonce(q, k, k_same):
+        total = 0.0
+        for i in range(3):
+            negs = [n.tolist() for j in range(3) if j != i for n in (k[j], k_same[j])]
+            logits = [cos(q[i].tolist(), k[i].tolist()) / 0.2] + [cos(q[i].tolist(), n) / 0.2 for n in negs]
+            total += -logits[0] + math.log(sum(math.exp(v) for v in logits))
+        return total / 3
+    assert loss.item() == pytest.approx((infonce(q1, k2, k1) + infonce(q2, k1, k2)) / 2, rel=1e-5)
+    assert loss.item() > 1.0                                               # ~log(5): not the 0 of no negatives
+    loss.backward()
+    assert k1.grad is None and k2.grad is None and q1.grad.abs().sum() > 0
+
+
+def _moco_client(seed, **kw):
+    torch.manual_seed(seed)
     x = torch.randn(16, 1, 28, 28)
     run = SimpleNamespace(device=torch.device("cpu"), batches=lambda idx: [idx[:8], idx[8:]],
                           two_views=lambda b: (x[b] + 0.1, x[b].flip(-1)))
-    args = dec_ssl.Args(ssl="moco", hidden_dim=8, local_epochs=1, queue_size=100)
-    model = dec_ssl.SSLModel(args, common.SmallCNN(1, width=8))
-    lengths, real = [], dec_ssl.moco_loss
-    monkeypatch.setattr(dec_ssl, "moco_loss", lambda q1, q2, k1, k2, queue, tau: (lengths.append(len(queue)), real(q1, q2, k1, k2, queue, tau))[1])
+    args = dec_ssl.Args(ssl="moco", hidden_dim=8, local_epochs=1, queue_size=100, **kw)
+    return run, args, dec_ssl.SSLModel(args, common.SmallCNN(1, width=8))
+
+
+def test_moco_queue_starts_empty_every_round_and_the_first_step_still_trains(monkeypatch):
+    """MoCo's queue lives on the client for one local update: 0 keys at its first step, 2B more per step;
+    the first step's loss is InfoNCE over in-batch negatives (> 0), not the 0 of an empty queue."""
+    run, args, model = _moco_client(11)
+    lengths, losses, real = [], [], dec_ssl.moco_loss
+
+    def spy(q1, q2, k1, k2, queue, tau):
+        lengths.append(len(queue))
+        losses.append(real(q1, q2, k1, k2, queue, tau).item())
+        return real(q1, q2, k1, k2, queue, tau)
+    monkeypatch.setattr(dec_ssl, "moco_loss", spy)
     for _ in range(2):                                                     # two rounds
         dec_ssl.local_update(model, run, torch.arange(16), args, 1e-3)
     assert lengths == [0, 16, 0, 16]
+    assert losses[0] > 1.0 and losses[2] > 1.0                              # log(2B-1) = log(15) ~ 2.7 at chance
+
+
+def test_moco_first_step_of_a_round_moves_the_encoder_by_its_gradient():
+    """Without weight decay a step with zero gradient would leave Adam's parameters where they are: the
+    first step of a round (empty queue) must change the encoder."""
+    run, args, model = _moco_client(13, weight_decay=0.0)
+    run.batches = lambda idx: [idx[:8]]                                    # one step: the first
+    before = copy.deepcopy(model.encoder.state_dict())
+    dec_ssl.local_update(model, run, torch.arange(16), args, 1e-3)
+    moved = [k for k, v in model.encoder.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert "net.0.weight" in moved
 
 
 def test_first80_is_off_by_default():
