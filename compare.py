@@ -57,6 +57,7 @@ Then paste results/results.md and results/claims.md into the README (nothing in 
 """
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -65,6 +66,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -83,25 +85,43 @@ ROOT = Path(__file__).resolve().parent
 class Row:
     label: str
     script: str
-    flags: tuple = ()             # added after the shared flags (the last value of a flag wins)
+    flags: tuple = ()             # added after the shared flags (the last value of a flag wins); {x} = FMT[x]
     drop: tuple = ()              # shared flags this method does not take
     partitioned: bool = True      # False: one run per seed, shown in every partition's column
     only: tuple = ()              # the partitions this row runs on (empty = all)
+    variant: bool = False         # a row for one claim (another client count, sync, ...): in a table of your own
+                                  # only with --methods all or by name
 
 
 # One line per row of the table, in this order (adding a method = adding a line).
 ROWS = {
     "local_cl": Row("local_cl (each client alone; mean over clients)", "local_cl.py"),
     "fedavg_cl": Row("fedavg_cl (FedAvg + SimCLR)", "fedavg_cl.py"),
+    "fedavg_sl": Row("fedavg_sl (FedAvg + cross-entropy: trained on the LABELS)", "fedavg_sl.py"),
     "gossip_ring": Row("gossip_cl ring (no server; mean over clients)", "gossip_cl.py", ("--topology", "ring")),
     "gossip_complete": Row("gossip_cl complete (= FedAvg unweighted)", "gossip_cl.py", ("--topology", "complete")),
     "fedavg_moco": Row("fedavg_moco (feature_fusion --remote-features 0: FedAvg + MoCo)", "feature_fusion.py",
                        ("--remote-features", "0")),
+    "fedavg_moco_c100": Row("fedavg_moco at 100 clients", "feature_fusion.py",
+                            ("--remote-features", "0", "--clients", "100"), variant=True),
     "feature_fusion": Row("feature_fusion (CCL: FF)", "feature_fusion.py"),
     "neighborhood_match": Row("neighborhood_match (CCL: FF + NM)", "neighborhood_match.py"),
     "dec_ssl": Row("dec_ssl (Dec-SSL: FedAvg + SimCLR)", "dec_ssl.py"),
+    "dec_ssl_p05": Row("dec_ssl --participation 0.5", "dec_ssl.py", ("--participation", "0.5"), variant=True),
+    "dec_ssl_fewer_rounds": Row("dec_ssl, 4x fewer rounds x 4x the local epochs", "dec_ssl.py",
+                                ("--rounds", "{rounds_div4}", "--local-epochs", "{local_epochs_x4}",
+                                 "--eval-every", "{eval_every_div4}"), variant=True),
     "dec_ssl_featarc": Row("dec_ssl --featarc (FeatARC, mean of 2 cluster models)", "dec_ssl.py", ("--featarc", "true")),
     "mocosfl": Row("mocosfl (MocoSFL-1)", "mocosfl.py", drop=("--batch-size",)),
+    "mocosfl_c100": Row("mocosfl at 100 clients (1 image per client per step)", "mocosfl.py", ("--clients", "100"),
+                        drop=("--batch-size",), variant=True),
+    "mocosfl_c1000": Row("mocosfl at 1000 clients (a pool of 100 a round, 10x the rounds)", "mocosfl.py",
+                         ("--clients", "1000", "--rounds", "{rounds_x10}", "--eval-every", "{eval_every_x10}"),
+                         drop=("--batch-size",), variant=True),
+    "mocosfl_sync10": Row("mocosfl, clients synchronised every 10 steps", "mocosfl.py", ("--sync-every", "10"),
+                          drop=("--batch-size",), variant=True),
+    "mocosfl_sync_round": Row("mocosfl, clients synchronised once a round", "mocosfl.py",
+                              ("--sync-every", "1000000"), drop=("--batch-size",), variant=True),
     "fed_cluster": Row("fed_cluster (N+C / C: two stages, encoder after stage 2)", "fed_cluster.py"),
     # Miao & Koyuncu's orderings (ledger only; stage-1 / stage-2 losses; their claims are about non-IID clients)
     "fed_cluster_cc": Row("fed_cluster C / C", "fed_cluster.py", ("--loss", "contrastive"), only=("classes",)),
@@ -111,7 +131,20 @@ ROWS = {
     "fed_cluster_1stage": Row("fed_cluster one-stage C / C", "fed_cluster.py", ("--loss", "contrastive",
                               "--cluster-rounds", "{rounds}"), only=("classes",)),
     "centralized": Row("centralized (fedavg_cl --clients 1)", "fedavg_cl.py", ("--clients", "1"), partitioned=False),
+    "centralized_moco": Row("centralized MoCo (feature_fusion --clients 1 --remote-features 0)", "feature_fusion.py",
+                            ("--clients", "1", "--remote-features", "0"), partitioned=False, variant=True),
+    "dec_ssl_central": Row("centralized Dec-SSL (dec_ssl --clients 1)", "dec_ssl.py", ("--clients", "1"),
+                           partitioned=False, variant=True),
 }
+
+
+def row_format(args) -> dict:
+    """The values a row's flags may name: the setting's budget and what a row derives from it (same image passes)."""
+    return dict(rounds=args.rounds, rounds_div4=max(1, args.rounds // 4), local_epochs_x4=4 * args.local_epochs,
+                eval_every_div4=max(1, args.eval_every // 4), rounds_x10=10 * args.rounds,
+                eval_every_x10=10 * args.eval_every)
+
+
 PARTITIONS = {"iid": "IID", "classes": "{k} classes per client", "dirichlet": "Dirichlet {alpha}"}
 METRICS = {"knn_acc": "kNN accuracy (all labels)", "knn_acc_1pct": "kNN accuracy, 1 % of the labels",
            "knn_acc_10pct": "kNN accuracy, 10 % of the labels", "linear_acc": "Linear probe accuracy (all labels)",
@@ -124,13 +157,19 @@ assert set(METRICS) == set(common.EVAL_KEYS)
 class Args:
     quick: bool = False
     """tiny budget and one seed (the whole pipeline in a few minutes on 2 cores); explicit flags override it"""
-    methods: str = "all"
-    """comma-separated rows (all = every row): local_cl, fedavg_cl, gossip_ring, gossip_complete, fedavg_moco,
-    feature_fusion, neighborhood_match, dec_ssl, dec_ssl_featarc, mocosfl, fed_cluster, fed_cluster_cc, fed_cluster_nc,
-    fed_cluster_cn, fed_cluster_1stage, centralized"""
-    partitions: str = "iid,classes,dirichlet"
-    """comma-separated columns: iid | classes (--classes-per-client) | dirichlet (--alpha)"""
-    seeds: str = "0,1,2"
+    setting: str = "all"
+    """all | default | ccl | decssl | mocosfl: the ledger's settings to run (each paper's own shape: SETTINGS)"""
+    dry_run: bool = False
+    """list what is done, stale and missing per row, run nothing"""
+    collect: str = ""
+    """comma-separated output folders of other compare.py runs (e.g. a git worktree's results/) whose finished
+    cells are taken into this one's cells/ instead of being run again"""
+    methods: str = ""
+    """comma-separated rows for a table of your own (all = every row, variants included; empty = the rows the claims
+    need, or with --partitions / --quick every method row)"""
+    partitions: str = ""
+    """comma-separated columns for a table of your own: iid | classes | dirichlet (empty = what the claims need)"""
+    seeds: str = "0,1,2,3,4"
     """comma-separated seeds (partition, initialisation, augmentation)"""
     dataset: str = "fmnist"
     """fmnist | cifar10 | cifar100"""
@@ -175,6 +214,8 @@ class Args:
             common.fail(f"--encoder must be cnn or resnet18 (got {self.encoder!r})")
         if self.device not in ("auto", "cpu", "cuda"):
             common.fail(f"--device must be one of auto, cpu, cuda (got {self.device!r})")
+        if self.setting != "all" and self.setting not in SETTINGS:
+            common.fail(f"--setting must be all or one of {', '.join(SETTINGS)} (got {self.setting!r})")
         unknown = set(self.method_list) - set(ROWS)
         if unknown or not self.method_list:
             common.fail(f"--methods: unknown {sorted(unknown) or self.methods!r}; choose from {', '.join(ROWS)}")
@@ -203,16 +244,25 @@ class Args:
                 common.fail(f"--methods {key}: {ROWS[key].script} is not in {ROOT}")
 
     @property
+    def grid(self) -> bool:
+        """A table of your own (--methods, --partitions or --quick): every row x column x seed; otherwise the
+        ledger: exactly the cells the claims need, in every setting (--setting)."""
+        return bool(self.methods or self.partitions or self.quick)
+
+    @property
     def method_list(self):
-        return list(ROWS) if self.methods == "all" else [m for m in self.methods.split(",") if m]
+        if self.methods == "all":
+            return list(ROWS)
+        return [k for k, r in ROWS.items() if not r.variant] if not self.methods else \
+            [m for m in self.methods.split(",") if m]
 
     @property
     def partition_list(self):
-        return [p for p in self.partitions.split(",") if p]
+        return [p for p in (self.partitions or ",".join(PARTITIONS)).split(",") if p]
 
     @property
     def seed_list(self):
-        return [int(s) for s in self.seeds.split(",") if s.strip()]
+        return [int(s) for s in self.seeds.split(",")]        # an empty item is refused, not skipped
 
 
 def parse_args(argv: list) -> Args:
@@ -224,17 +274,22 @@ def parse_args(argv: list) -> Args:
 # Cells: one run each
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)          # a cell is itself (a dict key), not equal to another with the same fields
 class Cell:
     method: str
     partition: str                # "all" for rows without a partition
     seed: int
     flags: list                   # the method's command line, without --out
     dir: Path                     # parent of the method's run folder (the run's --out)
+    setting: str = "default"
 
     @property
     def name(self):
-        return f"{self.method} {self.partition} s{self.seed}"
+        return f"{self.method} {self.partition} s{self.seed}" + ("" if self.setting == "default" else f" [{self.setting}]")
+
+    @property
+    def tag(self):
+        return self.dir.name
 
     def run_folder(self, complete=True):
         """The newest run folder inside (with a summary.json if complete, else with a checkpoint)."""
@@ -262,10 +317,28 @@ def method_flags(key: str, args: Args, partition: str, seed: int) -> list:
     for name in row.drop:
         i = flags.index(name)
         del flags[i:i + 2]
-    return [row.script, *flags, *(f.format(rounds=args.rounds) for f in row.flags)]
+    return [row.script, *flags, *(f.format(**row_format(args)) for f in row.flags)]
 
 
-def make_cells(args: Args, runs: Path) -> list:
+def identity(flags: list) -> list:
+    """A cell's command without what does not change its numbers' meaning (--device, --out): a cell made on a
+    GPU and one made on a CPU are the same cell, and its device is recorded with it."""
+    flags, i = list(flags), 0
+    while i < len(flags):
+        if flags[i] in ("--device", "--out"):
+            del flags[i:i + 2]
+        else:
+            i += 1
+    return flags
+
+
+def cell_dir(runs: Path, key: str, part: str, seed: int, flags: list) -> Path:
+    tag = hashlib.sha1(" ".join(identity(flags)).encode()).hexdigest()[:8]     # another budget = another cell
+    return runs / key / f"{part}-s{seed}-{tag}"
+
+
+def make_cells(args: Args, runs: Path, setting: str = "default") -> list:
+    """Every row x column x seed of args (a table of your own)."""
     cells = []
     for key in args.method_list:
         parts = [p for p in args.partition_list if not ROWS[key].only or p in ROWS[key].only]
@@ -273,9 +346,185 @@ def make_cells(args: Args, runs: Path) -> list:
         for part in parts:
             for seed in args.seed_list:
                 flags = method_flags(key, args, part, seed)
-                tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]   # another budget = another cell
-                cells.append(Cell(key, part, seed, flags, runs / key / f"{part}-s{seed}-{tag}"))
+                cells.append(Cell(key, part, seed, flags, cell_dir(runs, key, part, seed, flags), setting))
     return cells
+
+
+def setting_args(args: Args, name: str) -> Args:
+    """args with the setting's flags (a paper's own shape); the default setting is args as given."""
+    return dataclasses.replace(args, **SETTINGS[name].flags)
+
+
+def setting_names(args: Args) -> list:
+    return list(SETTINGS) if args.setting == "all" else [args.setting]
+
+
+def ledger_view(args: Args, name: str) -> Args:
+    """The setting's args, with --methods / --partitions = the rows and columns its claims compare."""
+    sides = [side.split("@") for c in CLAIMS if name in c.settings for side in (c.a, c.b)]
+    rows = [k for k in ROWS if any(k == key for key, _ in sides)]
+    parts = [p for p in PARTITIONS if any(p == part for _, part in sides)]
+    return dataclasses.replace(setting_args(args, name), methods=",".join(rows), partitions=",".join(parts))
+
+
+def ledger_cells(args: Args, runs: Path) -> list:
+    """Exactly the cells the claims need: per setting, each claim's two sides x seeds (shared cells once)."""
+    cells, seen = [], set()
+    for name in setting_names(args):
+        view = ledger_view(args, name)
+        needed = {tuple(side.split("@")) for c in CLAIMS if name in c.settings for side in (c.a, c.b)}
+        for key, part in sorted(needed, key=lambda kp: (list(ROWS).index(kp[0]), kp[1])):
+            for seed in args.seed_list:
+                flags = method_flags(key, view, part if part != "all" else "iid", seed)
+                d = cell_dir(runs, key, part, seed, flags)
+                if d not in seen:
+                    seen.add(d)
+                    cells.append(Cell(key, part, seed, flags, d, name))
+    return cells
+
+
+# ----------------------------------------------------------------------------------------------
+# The committed cells: results/cells/<row>/<partition>-s<seed>-<tag>/ (a few KB each, never a checkpoint)
+# ----------------------------------------------------------------------------------------------
+# cell.json holds the record the tables read (read_cell), the command, and where it came from: the commit, the
+# device, the date, the partition's hash and the FINGERPRINT of the code it ran: per project file the run imports
+# (the script, common.py, distributed.py, ...), a hash of its syntax tree without docstrings and comments, so an
+# edit of a docstring or comment keeps a cell valid and any edit of code makes it stale. summary.json,
+# metrics.jsonl and config.json are the run's own files, copied. A stale cell is run again; a refactor that keeps
+# a seeded tiny run bit-identical is recorded in equivalent.json (`--restamp`) and keeps its cells valid.
+
+STORE = ROOT / "results" / "cells"          # the committed cells; a run writes its own into OUT/cells
+EQUIVALENT = STORE / "equivalent.json"
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            node.body = [n for n in body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                                                 and isinstance(n.value.value, str))] or [ast.Pass()]
+    return tree
+
+
+def code_fingerprint(script: str, read=None) -> dict:
+    """{file: hash} over the project modules `script` imports (transitively), docstrings and comments left out.
+    read(name) gives a file's source (default: the working tree; compare.py --collect reads a commit)."""
+    read = read or (lambda name: (ROOT / name).read_text() if (ROOT / name).is_file() else None)
+    out, todo = {}, [script]
+    while todo:
+        name = todo.pop()
+        if name in out or (src := read(name)) is None:
+            continue
+        tree = ast.parse(src)
+        for node in ast.walk(tree):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            todo += [m.split(".")[0] + ".py" for m in mods]
+        out[name] = hashlib.sha256(ast.dump(_strip_docstrings(tree)).encode()).hexdigest()[:16]
+    return dict(sorted(out.items()))
+
+
+def fingerprint_id(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_reader(commit: str):
+    def read(name):
+        proc = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout if proc.returncode == 0 else None
+    return read
+
+
+def equivalents() -> dict:
+    """{old fingerprint id: newer id} from the recorded bit-identical refactors."""
+    return {k: v["to"] for k, v in json.loads(EQUIVALENT.read_text()).items()} if EQUIVALENT.is_file() else {}
+
+
+def current(fid: str, now: str, equiv: dict) -> bool:
+    """Whether code with fingerprint id `fid` computes what the code with id `now` computes."""
+    seen = set()
+    while fid != now and fid in equiv and fid not in seen:
+        seen.add(fid)
+        fid = equiv[fid]
+    return fid == now
+
+
+def stored(cell: Cell, stores: list):
+    """The cell.json of this cell (same command) in the first store that has one, or None."""
+    for store in stores:
+        path = store / cell.method / cell.tag / "cell.json"
+        if path.is_file() and identity(shlex.split((rec := json.loads(path.read_text()))["command"])[1:]) == \
+                identity(cell.flags):
+            return rec
+    return None
+
+
+class Status:
+    """done / stale / missing for every cell, against the fingerprint of today's code (computed once per script)."""
+
+    def __init__(self, stores: list):
+        self.stores, self.now, self.equiv = stores, {}, equivalents()
+
+    def fid(self, script: str) -> str:
+        if script not in self.now:
+            self.now[script] = fingerprint_id(code_fingerprint(script))
+        return self.now[script]
+
+    def __call__(self, cell: Cell) -> str:
+        rec = stored(cell, self.stores)
+        if rec is None:
+            return "missing"
+        return "done" if current(rec["fingerprint_id"], self.fid(cell.flags[0]), self.equiv) else "stale"
+
+
+def partition_hash(folder: Path):
+    path = folder / "partition.json"
+    if not path.is_file():
+        return None
+    clients = json.loads(path.read_text())["clients"]
+    return hashlib.sha256(json.dumps([c["indices"] for c in clients]).encode()).hexdigest()[:16]
+
+
+def write_cell(store: Path, cell: Cell, record: dict, provenance: dict, folder: Path | None = None):
+    """Write STORE/<row>/<tag>/ whole or not at all: a temporary folder, then one rename."""
+    dest = store / cell.method / cell.tag
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name in ("summary.json", "metrics.jsonl", "config.json"):
+        if folder is not None and (folder / name).is_file():
+            shutil.copyfile(folder / name, tmp / name)
+    rec = {**record, "run": None, "setting": cell.setting, **provenance}
+    (tmp / "cell.json").write_text(json.dumps(rec, indent=1) + "\n")
+    if dest.exists():
+        old = dest.with_name(dest.name + f".old{os.getpid()}")
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dest)
+
+
+def collect(store: Path, cell: Cell, folder: Path, fp: dict, device: str, how: str):
+    """Commit-ready copy of a finished run (folder) of `cell`, whose code had fingerprint fp."""
+    cfg = json.loads((folder / "config.json").read_text())
+    record = read_run(cell, folder)
+    write_cell(store, cell, record, {"fingerprint": fp, "fingerprint_id": fingerprint_id(fp), "fingerprint_from": how,
+                              "commit": cfg.get("git_commit"), "device": device, "torch": cfg.get("versions", {}).get("torch"),
+                              "date": time.strftime("%Y-%m-%d", time.gmtime((folder / "summary.json").stat().st_mtime)),
+                              "partition_hash": partition_hash(folder)}, folder)
+
+
+def launch_fingerprint(cell: Cell):
+    """The fingerprint every launch of this cell's run recorded (compare.py writes it before starting the run),
+    or None when the launches saw different code (a resume after an edit: such a run is not collected)."""
+    path = cell.dir / "fingerprint.json"
+    if not path.is_file():
+        return None, None
+    launches = json.loads(path.read_text())
+    ids = {fingerprint_id(f) for f in launches}
+    return (launches[0], "the working tree when compare.py started the run") if len(ids) == 1 else (None, None)
 
 
 def check_cells(cells: list):
@@ -294,13 +543,17 @@ def check_cells(cells: list):
 
 
 def run_cell(cell: Cell, env: dict) -> tuple:
-    """Run (or resume) one cell's script; returns (exit status, seconds, log path)."""
+    """Run (or resume) one cell's script; returns (exit status, seconds, log path). The fingerprint of the code
+    it starts with is appended to the cell's fingerprint.json first (a resume after an edit is then visible)."""
     cell.dir.mkdir(parents=True, exist_ok=True)
     partial = cell.run_folder(complete=False)
     if partial is not None:                  # interrupted before: the method's own --resume continues it
         cmd = [sys.executable, cell.flags[0], "--resume", str(partial)]
     else:       # a folder without a checkpoint is left alone: compare.py deletes nothing it did not create now
         cmd = [sys.executable, *cell.flags, "--out", str(cell.dir)]
+    fp_path = cell.dir / "fingerprint.json"
+    launches = json.loads(fp_path.read_text()) if fp_path.is_file() and partial is not None else []
+    common._write_json(fp_path, [*launches, code_fingerprint(cell.flags[0])])
     log = cell.dir / "log.txt"
     t = time.time()
     with open(log, "a") as f:
@@ -310,11 +563,8 @@ def run_cell(cell: Cell, env: dict) -> tuple:
     return rc, time.time() - t, log
 
 
-def run_all(cells: list, jobs: int) -> list:
-    """Run the cells that are not complete, `jobs` at a time; returns the failed ones."""
-    todo = [c for c in cells if c.run_folder() is None]
-    print(f"{len(cells)} cells, {len(cells) - len(todo)} already complete, {len(todo)} to run ({jobs} at a time)",
-          flush=True)
+def run_all(todo: list, jobs: int, done=lambda cell: None) -> list:
+    """Run `todo`, `jobs` at a time, calling done(cell) after each that finished complete; returns the failed."""
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     failed, t0 = [], time.time()
@@ -327,6 +577,7 @@ def run_all(cells: list, jobs: int) -> list:
                 s = json.loads((cell.run_folder() / "summary.json").read_text())
                 msg = (f"kNN {s['knn_acc']:.4f}  linear {s['linear_acc']:.4f}  kNN 1 % labels {s['knn_acc_1pct']:.4f} "
                        f"(gain over untrained {s['gain']['knn_acc_1pct']:+.4f})")
+                done(cell)
             else:
                 failed.append(cell)
                 msg = f"FAILED (exit {rc}); see {log}"
@@ -344,20 +595,28 @@ def run_all(cells: list, jobs: int) -> list:
 # Reading the runs, the tables and the figure
 # ----------------------------------------------------------------------------------------------
 
-def read_cell(cell: Cell):
-    folder = cell.run_folder()
-    if folder is None:
-        return None
+def read_run(cell: Cell, folder: Path) -> dict:
+    """The record the tables and the ledger read, from a finished run folder of `cell`."""
     s = json.loads((folder / "summary.json").read_text())
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     rand = s["random_encoder"]
-    return {"method": cell.method, "partition": cell.partition, "seed": cell.seed, "run": str(folder.relative_to(ROOT))
-            if folder.is_relative_to(ROOT) else str(folder), "command": "python " + shlex.join(cell.flags),
+    return {"method": cell.method, "partition": cell.partition, "seed": cell.seed, "setting": cell.setting,
+            "run": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
+            "command": "python " + shlex.join(cell.flags),
             **{m: s.get(m) for m in METRICS}, "random_encoder": {m: rand.get(m) for m in METRICS},
             "gain": {m: s[m] - rand[m] if m in s and m in rand else None for m in METRICS},
             **{k: s[k] for k in ("stage1", "cluster_acc", "nmi", "ari") if k in s},      # fed_cluster's ledger rows
             "wall_s": s["wall_s"], "images_per_s": s["images_per_s"],
             "curve": {m: [[r["round"], r[m]] for r in metrics if m in r] for m in ("knn_acc", "knn_acc_1pct")}}
+
+
+def read_cell(cell: Cell, stores: list = ()):
+    """A cell's record: from a finished run folder of this compare.py's OUT, else from a store (committed)."""
+    folder = cell.run_folder()
+    if folder is not None:
+        return read_run(cell, folder)
+    rec = stored(cell, list(stores))
+    return {**rec, "setting": cell.setting} if rec is not None else None
 
 
 def mean_std(values: list) -> tuple:
@@ -460,42 +719,65 @@ def warning_line(args: Args) -> list:
     return []
 
 
-def header(args: Args, command: str, device: str, jobs: int) -> list:
+def setting_line(args: Args) -> str:
     seeds = args.seed_list
     n = f"{len(seeds)} seeds ({args.seeds}), mean ± sample std" if len(seeds) > 1 else f"seed {seeds[0]}"
-    setting = (f"{args.dataset}, {args.train_size or 'all'} training images, {args.test_size or 'all'} test images, "
-               f"encoder {args.encoder}, {args.clients} clients, {args.rounds} rounds x {args.local_epochs} local "
-               f"epoch(s), batch {args.batch_size}; kNN (k=200, t=0.1, k capped at the bank size) on the test set; "
-               f"linear probe {args.probe_epochs} epochs, last epoch reported; 1 % / 10 % of the labels = a "
-               f"class-balanced seeded subset of the training images as the kNN bank / probe training set")
+    return (f"Setting: {args.dataset}, {args.train_size or 'all'} training images, {args.test_size or 'all'} test "
+            f"images, encoder {args.encoder}, {args.clients} clients, {args.rounds} rounds x {args.local_epochs} local "
+            f"epoch(s), batch {args.batch_size}, Dirichlet alpha {args.alpha}, {args.classes_per_client} classes per "
+            f"client; kNN (k=200, t=0.1, k capped at the bank size) on the test set; linear probe {args.probe_epochs} "
+            f"epochs, last epoch reported; 1 % / 10 % of the labels = a class-balanced seeded subset of the training "
+            f"images as the kNN bank / probe training set; {n}.")
+
+
+def provenance(results: list) -> str:
+    """Where the cells came from: their commits, devices and dates (each cell's own are in results.json)."""
+    def count(key):
+        got = {}
+        for r in results:
+            got[r.get(key) or "this run"] = got.get(r.get(key) or "this run", 0) + 1
+        return ", ".join(f"{k} ({v})" for k, v in got.items())
+    return (f"Cells: {len(results)}; commits: {count('commit')}; devices: {count('device')}; dates: {count('date')}."
+            if results else "Cells: none yet.")
+
+
+def header(args: Args, command: str, device: str, jobs: int) -> list:
     commit = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=5).stdout.strip()
     return ["Produced by this command (nothing below is typed by hand):", "", f"    {command}", "",
-            f"Device: {device}; {jobs} run(s) at once; git commit {commit or 'unknown'}; {time.strftime('%Y-%m-%d')}.",
-            "", f"Setting: {setting}; {n}.", ""]
+            f"Written on {device}; {jobs} run(s) at once; git commit {commit or 'unknown'}; "
+            f"{time.strftime('%Y-%m-%d')}. Each cell's own commit, device and date: results.json (cells) and "
+            "results/cells/*/*/cell.json.", ""]
 
 
-def write_markdown(path: Path, table: dict, args: Args, head: list, jobs: int, failed: list, missing: list):
+def write_markdown(path: Path, sections: list, args: Args, head: list, jobs: int, failed: list, missing: list):
+    """sections: [(setting name, view args, table, its records, figure file name)]."""
     lines = [*warning_line(args), "# Results", "", *head,
              "Every cell: the trained encoder's accuracy, and in brackets its **gain over the same run's untrained "
              "network** (same architecture, width and normalisation, same seed and evaluation), each as mean ± "
              "sample std over seeds; the gain's std is that of the paired per-seed differences. Rows use different "
              "networks (mocosfl: GroupNorm + weight standardisation), so rank rows by the gain, not by raw "
-             "accuracy. The claims of the papers are checked in claims.md.", ""]
-    for i, (metric, title) in enumerate(METRICS.items()):
-        lines += [f"## {title}", "", *markdown_table(table, args, metric, with_speed=i == 0), ""]
-    lines += ["![kNN accuracy against rounds, all labels and 1 % of the labels](results.png)", "",
-              "Notes: every row trains every image R x E times (see compare.py's docstring for the mapping per "
-              "method; mocosfl keeps its own batch rule and GroupNorm network). `centralized` has no partition: "
-              "the same runs appear in every column. The fed_cluster variants run under 2 classes per client only "
+             "accuracy. The claims of the papers are checked in claims.md. fedavg_sl is the one row trained on the "
+             "training labels.", ""]
+    many = len(sections) > 1
+    for name, view, table, results, figure in sections:
+        h = "###" if many else "##"
+        if many:
+            lines += [f"## Setting `{name}`: {SETTINGS[name].title}", ""]
+        lines += [setting_line(view), "", provenance(results), ""]
+        for i, (metric, title) in enumerate(METRICS.items()):
+            lines += [f"{h} {title}", "", *markdown_table(table, view, metric, with_speed=i == 0), ""]
+        lines += [f"![kNN accuracy against rounds, all labels and 1 % of the labels]({figure})", ""]
+    lines += ["Notes: every row trains every image R x E times (see compare.py's docstring for the mapping per "
+              "method; mocosfl keeps its own batch rule and GroupNorm network). Rows without a partition "
+              "(centralized ones) appear in every column. The fed_cluster variants run under 2 classes per client only "
               "(for the ledger). Wall-clock = mean seconds per run including evaluation; "
-              f"with {jobs} runs at once they share the device, so compare rows, not machines. "
+              f"runs shared the device with others, so compare rows, not machines. "
               "Per-cell numbers (and each run's untrained-network numbers) and commands: results.json."]
     if failed or missing:
-        lines += ["", "Not in the table (failed or not run; see their log.txt): " +
-                  ", ".join(c.name for c in failed + missing) + "."]
+        lines += ["", "Not in the table (failed or not run yet): " + ", ".join(c.name for c in failed + missing) + "."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -514,7 +796,40 @@ class Claim:
     b: str
     metric: str = "knn_acc_1pct"  # gain over the own untrained network; stage1.X: after stage 1; cluster_acc: raw
     margin: float | None = None   # None: "a beats b"; m: "a is at most m worse than b" (non-inferiority)
+    settings: tuple = ("default",)   # the settings (SETTINGS) it is judged in
 
+
+@dataclass
+class Setting:
+    title: str
+    flags: dict                   # compare.py flags that differ from the default setting
+    source: str                   # where the shape comes from
+    fixed: str                    # the date it was committed, before any run of it
+
+
+# Each paper's own shape at CPU scale, taken from shared/methods/claims.md and the official code, NOT tuned, with
+# rounds chosen so every image is seen as often as in the default setting (R x E = 20); fixed before any run of it.
+SETTINGS = {
+    "default": Setting("the project's CPU setting (shared protocol)", {},
+                       "shared/methods/common-protocol.md: 10 clients, 20 rounds x 1 local epoch", "2026-12-02"),
+    "ccl": Setting("CCL's own shape: 5 clients, 5 local epochs, every client every round",
+                   dict(clients=5, local_epochs=5, rounds=4, eval_every=1),
+                   "Wu et al. give no client count or epochs; the FedU/FedCA convention they follow "
+                   "(shared/methods/claims.md) [reconstruction]", "2026-12-04"),
+    "decssl": Setting("Dec-SSL's own shape: 5 clients, 5 local epochs, Dirichlet beta 0.02",
+                      dict(clients=5, local_epochs=5, rounds=4, eval_every=1, alpha=0.02),
+                      "liruiw/Dec-SSL: --num_users 5, --frac 1.0, --local_ep 5, Dirichlet beta 0.02 (its highly "
+                      "non-IID scripts), unweighted mean (dec_ssl.py's default)", "2026-12-04"),
+    "mocosfl": Setting("MocoSFL's own shape: 2 classes per client, 5 clients as the base, up to 1000",
+                       dict(clients=5),
+                       "SonyResearch/MocoSFL and the paper's tables: 2 classes per client, 5 / 100 / 1000 clients on "
+                       "the same data, 1 epoch a round, sync every ~50 steps (mocosfl.py's default)", "2026-12-04"),
+}
+PAPER_SETTING_NOTE = ("Miao & Koyuncu give nothing but non-IID clients and gossip is not a paper's method here, so "
+                      "their claims are judged in the default setting only.")
+
+CCL, DEC, SFL, MK = "CCL (Wu et al.)", "Dec-SSL (Wang et al.)", "MocoSFL (Li et al.)", "Miao & Koyuncu"
+BOTH_CCL, BOTH_DEC, BOTH_SFL = ("default", "ccl"), ("default", "decssl"), ("default", "mocosfl")
 
 # One line per checkable claim (adding a claim = adding a line; its rows must be in ROWS).
 CLAIMS = [
@@ -522,42 +837,60 @@ CLAIMS = [
           "fedavg_cl@classes", "local_cl@classes"),
     Claim("centralized training beats FedAvg (2 classes per client)", "upper bound (CCL, Dec-SSL)",
           "centralized@all", "fedavg_cl@classes"),
-    Claim("feature fusion beats its ablation FedAvg + MoCo (2 classes)", "CCL (Wu et al.)",
-          "feature_fusion@classes", "fedavg_moco@classes"),
-    Claim("neighbourhood matching beats feature fusion (2 classes)", "CCL (Wu et al.)",
-          "neighborhood_match@classes", "feature_fusion@classes"),
-    Claim("CCL (FF + NM) approaches centralized (2 classes)", "CCL (Wu et al.)",
-          "neighborhood_match@classes", "centralized@all", margin=MARGIN),
-    Claim("Dec-SSL is robust to label skew: 2 classes per client vs IID", "Dec-SSL (Wang et al.)",
+    Claim("feature fusion beats its ablation FedAvg + MoCo (2 classes)", CCL,
+          "feature_fusion@classes", "fedavg_moco@classes", settings=BOTH_CCL),
+    Claim("neighbourhood matching beats feature fusion (2 classes)", CCL,
+          "neighborhood_match@classes", "feature_fusion@classes", settings=BOTH_CCL),
+    Claim("CCL (FF + NM) beats FedAvg + MoCo (2 classes)", CCL,
+          "neighborhood_match@classes", "fedavg_moco@classes", settings=BOTH_CCL),
+    Claim("feature fusion beats FedAvg + MoCo under IID", CCL,
+          "feature_fusion@iid", "fedavg_moco@iid", settings=BOTH_CCL),
+    Claim("CCL (FF + NM) beats FedAvg + MoCo under IID (\"by 11 % on IID data\")", CCL,
+          "neighborhood_match@iid", "fedavg_moco@iid", settings=BOTH_CCL),
+    Claim("CCL (FF + NM) approaches centralized MoCo (2 classes)", CCL,
+          "neighborhood_match@classes", "centralized_moco@all", margin=MARGIN, settings=BOTH_CCL),
+    Claim("Dec-SSL is robust to label skew: 2 classes per client vs IID", DEC,
           "dec_ssl@classes", "dec_ssl@iid", margin=MARGIN),
-    Claim("Dec-SSL is robust to label skew: Dirichlet vs IID", "Dec-SSL (Wang et al.)",
-          "dec_ssl@dirichlet", "dec_ssl@iid", margin=MARGIN),
-    Claim("FeatARC beats Dec-SSL under skew (2 classes)", "Dec-SSL (Wang et al.)",
-          "dec_ssl_featarc@classes", "dec_ssl@classes"),
-    Claim("FeatARC beats Dec-SSL under skew (Dirichlet)", "Dec-SSL (Wang et al.)",
-          "dec_ssl_featarc@dirichlet", "dec_ssl@dirichlet"),
-    Claim("MocoSFL beats FedAvg + MoCo (2 classes)", "MocoSFL (Li et al.)", "mocosfl@classes", "fedavg_moco@classes"),
+    Claim("Dec-SSL is robust to label skew: Dirichlet vs IID", DEC,
+          "dec_ssl@dirichlet", "dec_ssl@iid", margin=MARGIN, settings=BOTH_DEC),
+    Claim("Dec-SSL: 4x fewer rounds x 4x the local epochs costs little (Dirichlet)", DEC,
+          "dec_ssl_fewer_rounds@dirichlet", "dec_ssl@dirichlet", margin=MARGIN, settings=BOTH_DEC),
+    Claim("Dec-SSL: half the clients per round costs little (Dirichlet)", DEC,
+          "dec_ssl_p05@dirichlet", "dec_ssl@dirichlet", margin=MARGIN, settings=BOTH_DEC),
+    Claim("Dec-SSL is on par with centralized SSL on the same data (Dirichlet)", DEC,
+          "dec_ssl@dirichlet", "dec_ssl_central@all", margin=MARGIN, settings=BOTH_DEC),
+    Claim("Dec-SSL beats decentralized supervised learning (Dirichlet; the paper: \"sometimes\")", DEC,
+          "dec_ssl@dirichlet", "fedavg_sl@dirichlet", settings=BOTH_DEC),
+    Claim("FeatARC beats Dec-SSL under skew (2 classes)", DEC, "dec_ssl_featarc@classes", "dec_ssl@classes"),
+    Claim("FeatARC beats Dec-SSL under skew (Dirichlet)", DEC,
+          "dec_ssl_featarc@dirichlet", "dec_ssl@dirichlet", settings=BOTH_DEC),
+    Claim("MocoSFL beats FedAvg + MoCo (2 classes)", SFL, "mocosfl@classes", "fedavg_moco@classes", settings=BOTH_SFL),
+    Claim("MocoSFL with 1 image per client per step (100 clients) approaches the base setting's batch", SFL,
+          "mocosfl_c100@classes", "mocosfl@classes", margin=MARGIN, settings=BOTH_SFL),
+    Claim("MocoSFL keeps its accuracy with 1000 clients of 10 images on the same data", SFL,
+          "mocosfl_c1000@classes", "mocosfl@classes", margin=MARGIN, settings=BOTH_SFL),
+    Claim("MocoSFL: frequent synchronisation (every 10 steps) beats once a round (2 classes)", SFL,
+          "mocosfl_sync10@classes", "mocosfl_sync_round@classes", settings=BOTH_SFL),
+    Claim("MocoSFL beats FedAvg + MoCo at 100 clients (2 classes)", SFL,
+          "mocosfl_c100@classes", "fedavg_moco_c100@classes", settings=BOTH_SFL),
     Claim("gossip on a ring beats local training (2 classes)", "decentralized SGD (Lian et al.)",
           "gossip_ring@classes", "local_cl@classes"),
     Claim("gossip on a ring approaches the complete graph (2 classes)", "decentralized SGD (Lian et al.)",
           "gossip_ring@classes", "gossip_complete@classes", margin=MARGIN),
-    Claim("1. two stages work for clustering: C / C beats one-stage C / C", "Miao & Koyuncu",
+    Claim("1. two stages work for clustering: C / C beats one-stage C / C", MK,
           "fed_cluster_cc@classes", "fed_cluster_1stage@classes", "cluster_acc"),
-    Claim("1. two stages work for representations: C / C beats one-stage C / C", "Miao & Koyuncu",
+    Claim("1. two stages work for representations: C / C beats one-stage C / C", MK,
           "fed_cluster_cc@classes", "fed_cluster_1stage@classes"),
-    Claim("2. a contrastive regulariser helps representations: N+C beats N", "Miao & Koyuncu",
+    Claim("2. a contrastive regulariser helps representations: N+C beats N", MK,
           "fed_cluster@classes", "fed_cluster_nc@classes", "stage1.knn_acc_1pct"),
-    Claim("2. a contrastive regulariser helps clustering: N+C / C beats N / C", "Miao & Koyuncu",
+    Claim("2. a contrastive regulariser helps clustering: N+C / C beats N / C", MK,
           "fed_cluster@classes", "fed_cluster_nc@classes", "cluster_acc"),
-    Claim("3. clustering: C / C beats N+C / C", "Miao & Koyuncu", "fed_cluster_cc@classes", "fed_cluster@classes",
-          "cluster_acc"),
-    Claim("3. clustering: C / C beats N / C", "Miao & Koyuncu", "fed_cluster_cc@classes", "fed_cluster_nc@classes",
-          "cluster_acc"),
-    Claim("3. clustering: C / C beats C / N", "Miao & Koyuncu", "fed_cluster_cc@classes", "fed_cluster_cn@classes",
-          "cluster_acc"),
-    Claim("4. representations: a non-contrastive main loss (N) beats C", "Miao & Koyuncu",
+    Claim("3. clustering: C / C beats N+C / C", MK, "fed_cluster_cc@classes", "fed_cluster@classes", "cluster_acc"),
+    Claim("3. clustering: C / C beats N / C", MK, "fed_cluster_cc@classes", "fed_cluster_nc@classes", "cluster_acc"),
+    Claim("3. clustering: C / C beats C / N", MK, "fed_cluster_cc@classes", "fed_cluster_cn@classes", "cluster_acc"),
+    Claim("4. representations: a non-contrastive main loss (N) beats C", MK,
           "fed_cluster_nc@classes", "fed_cluster_cc@classes", "stage1.knn_acc_1pct"),
-    Claim("4. representations: a non-contrastive main loss (N+C) beats C", "Miao & Koyuncu",
+    Claim("4. representations: a non-contrastive main loss (N+C) beats C", MK,
           "fed_cluster@classes", "fed_cluster_cc@classes", "stage1.knn_acc_1pct"),
 ]
 
@@ -614,10 +947,12 @@ def claim_value(cell: dict, metric: str):
     return cell.get(metric)
 
 
-def ledger(results: list, args: Args) -> list:
-    """One row per claim: the paired per-seed differences, their mean, 95 % interval and the verdict."""
+def ledger(results: list, args: Args, setting: str = "default") -> list:
+    """One row per claim judged in `setting`: the paired per-seed differences, their mean, 95 % interval and the
+    verdict."""
     rows = []
-    for c in CLAIMS:
+    results = [r for r in results if r.get("setting", "default") == setting]
+    for c in (c for c in CLAIMS if setting in c.settings):
         def values(side):
             method, part = side.split("@")
             return {r["seed"]: v for r in results if r["method"] == method and r["partition"] == part
@@ -629,14 +964,13 @@ def ledger(results: list, args: Args) -> list:
         v, why = verdict(len(diffs), lo, hi, c.margin)
         if not diffs:
             why = "not run here (" + ", ".join(x for x, got in ((c.a, va), (c.b, vb)) if not got) + ")"
-        rows.append({**dataclasses.asdict(c), "seeds": seeds, "diffs": diffs, "mean": mean, "lo": lo, "hi": hi,
-                     "verdict": v, "why": why})
+        rows.append({**dataclasses.asdict(c), "setting": setting, "seeds": seeds, "diffs": diffs, "mean": mean,
+                     "lo": lo, "hi": hi, "verdict": v, "why": why})
     return rows
 
 
-def write_claims(path: Path, rows: list, args: Args, head: list):
-    lines = [*warning_line(args), "# Claims ledger", "", *head, *RULE, "",
-             "| claim | paper | metric | a − b | per-seed differences | mean [95 % interval] | verdict |",
+def claims_table(rows: list) -> list:
+    lines = ["| claim | paper | metric | a − b | per-seed differences | mean [95 % interval] | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         kind = "beats" if r["margin"] is None else f"within {r['margin']}"
@@ -645,7 +979,41 @@ def write_claims(path: Path, rows: list, args: Args, head: list):
               f"{r['mean']:+.3f}" if r["diffs"] else "-")
         lines.append(f"| {r['claim']} | {r['paper']} | {r['metric']} | {r['a']} − {r['b']} ({kind}) | {diffs} | "
                      f"{ci} | **{r['verdict']}** ({r['why']}) |")
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def reading(rows: list) -> list:
+    """Per paper and setting: which claims hold, which do not, which stay inconclusive (read off the rows)."""
+    lines = []
+    for paper in dict.fromkeys(r["paper"] for r in rows):
+        lines.append(f"- **{paper}**")
+        for setting in dict.fromkeys(r["setting"] for r in rows if r["paper"] == paper):
+            mine = [r for r in rows if r["paper"] == paper and r["setting"] == setting]
+            parts = []
+            for v in ("holds", "does not hold", "inconclusive"):
+                got = [r for r in mine if r["verdict"] == v]
+                if got:
+                    parts.append(f"{v} ({len(got)}): " + "; ".join(
+                        r["claim"] + (f" {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if r["lo"] is not None
+                                      else " (not run here)" if not r["diffs"] else "") for r in got))
+            lines.append(f"  - {setting} setting: " + " | ".join(parts))
+    return lines
+
+
+def write_claims(path: Path, sections: list, args: Args, head: list):
+    """sections: [(setting name, view args, ledger rows)]; one section per setting, and the reading first."""
+    lines = [*warning_line(args), "# Claims ledger", "", *head, *RULE, ""]
+    everything = [r for _, _, rows in sections for r in rows]
+    if len(sections) > 1:
+        lines += ["## Reading, per paper (generated from the tables below)", "", *reading(everything), "",
+                  PAPER_SETTING_NOTE, ""]
+    for name, view, rows in sections:
+        if len(sections) > 1:
+            st = SETTINGS[name]
+            lines += [f"## Setting `{name}`: {st.title}", "", setting_line(view), "",
+                      f"Shape from: {st.source}. Fixed on {st.fixed}, before any run of it.", ""]
+        lines += [*claims_table(rows), ""]
+    path.write_text("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,6 +1064,57 @@ def plot(path: Path, results: list, table: dict, args: Args):
     plt.close(fig)
 
 
+def plan(cells: list, out: Path, status: Status, sources: list, device: str) -> dict:
+    """state[cell] = done / stale / missing. A finished run folder (in OUT/runs or a --collect source) whose
+    launch saw today's code is collected into OUT/cells first (then done); one that saw other code is set
+    aside (renamed *.stale-<time>) so that the cell runs again."""
+    state = {}
+    for cell in cells:
+        state[cell] = status(cell)
+        if state[cell] == "done":
+            continue
+        for src in [cell, *(dataclasses.replace(cell, dir=d) for d in sources.get(" ".join(identity(cell.flags)), []))]:
+            folder = src.run_folder()
+            if folder is None:
+                continue
+            fp, how = launch_fingerprint(src)
+            commit = json.loads((folder / "config.json").read_text()).get("git_commit")
+            if fp is None and commit and not (src.dir / "fingerprint.json").is_file():   # a run of an older compare.py
+                fp, how = code_fingerprint(cell.flags[0], git_reader(commit)), f"git commit {commit[:7]} (config.json)"
+            if fp is not None and current(fingerprint_id(fp), status.fid(cell.flags[0]), status.equiv):
+                collect(out / "cells", cell, folder, fp, device, how)
+                state[cell] = "done"
+                break
+            if src is cell:
+                cell.dir.rename(cell.dir.with_name(cell.tag + time.strftime(".stale-%Y%m%d-%H%M%S")))
+    return state
+
+
+def source_index(sources: list) -> dict:
+    """{identity of a command: [cell folders]} over the finished runs in other compare.py outputs (--collect),
+    read from each run's config.json, so a folder is found whatever tag the older compare.py gave it."""
+    index = {}
+    for src in sources:
+        for summary in sorted(src.glob("runs/*/*/*/summary.json")):
+            cmd = json.loads((summary.parent / "config.json").read_text())["command"].split()
+            index.setdefault(" ".join(identity(cmd)), []).append(summary.parent.parent)
+    return index
+
+
+def row_lines(cells: list, state: dict) -> list:
+    """One line per row and setting: how many of its cells are committed, stale, missing."""
+    lines, groups = [], {}
+    for cell in cells:
+        groups.setdefault((cell.method, cell.setting), []).append(cell)
+    for (key, setting), group in groups.items():
+        n = {k: sum(state[c] == k for c in group) for k in ("done", "stale", "missing")}
+        todo = n["stale"] + n["missing"]
+        what = "nothing to run" if not todo else f"{todo} to run" + (f" ({n['stale']} stale: code changed)"
+                                                                     if n["stale"] else "")
+        lines.append(f"  {key} [{setting}]: {len(group)} cells, {n['done']} committed, {what}")
+    return lines
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -707,32 +1126,74 @@ def main(argv=None):
                 common.fail("--device cuda was asked for but no CUDA GPU is visible to torch")
         out = Path(args.out).resolve() if args.out else default_out(args)    # the runs start from the repository root
         common.check_out(str(out))
-        cells = make_cells(args, out / "runs")
+        sources = [Path(p).resolve() for p in args.collect.split(",") if p]
+        for src in sources:
+            if not (src / "runs").is_dir():
+                common.fail(f"--collect {src}: no runs/ folder in it (give another compare.py's output folder)")
+        if args.grid:
+            names = [args.setting if args.setting != "all" else "default"]
+            cells = make_cells(setting_args(args, names[0]), out / "runs", names[0])
+        else:
+            names = setting_names(args)
+            cells = ledger_cells(args, out / "runs")
         check_cells(cells)
     except common.UserError as e:
         common.refuse(str(e))
     device = device_name(args.device)
     jobs = args.jobs or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device.startswith("GPU") else 1)
+    stores = [out / "cells"] + ([STORE] if out / "cells" != STORE else [])
+    if args.dry_run:
+        state = {c: Status(stores)(c) for c in cells}
+        print(f"{len(cells)} cells: {sum(v == 'done' for v in state.values())} committed, "
+              f"{sum(v == 'stale' for v in state.values())} stale, {sum(v == 'missing' for v in state.values())} "
+              f"missing (--dry-run: nothing is run)")
+        print("\n".join(row_lines(cells, state)))
+        for c in cells:
+            if state[c] != "done":
+                print(f"  {state[c]}: {c.name}: python {shlex.join(c.flags)}")
+        return
     out.mkdir(parents=True, exist_ok=True)
     try:
         common.FolderLock(out, "compare.py")      # a second compare.py on the same --out (same cells) is refused
     except common.UserError as e:
         common.refuse(str(e))
     print(f"output folder: {out}", flush=True)
-    failed = run_all(cells, jobs)
-    results = [r for r in map(read_cell, cells) if r is not None]
-    missing = [c for c in cells if c.run_folder() is None and c not in failed]
-    table, claims = aggregate(results, args), ledger(results, args)
+    status = Status(stores)
+    state = plan(cells, out, status, source_index(sources), device)
+    todo = [c for c in cells if state[c] != "done"]
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already complete, {len(todo)} to run ({jobs} at a time)",
+          flush=True)
+    print("\n".join(row_lines(cells, state)), flush=True)
+
+    def finished(cell):
+        fp, how = launch_fingerprint(cell)
+        if fp is not None:
+            collect(out / "cells", cell, cell.run_folder(), fp, device, how)
+    failed = run_all(todo, jobs, finished)
+    results = [r for c in cells if (r := read_cell(c, stores)) is not None]
+    missing = [c for c in cells if read_cell(c, stores) is None and c not in failed]
     command = "python compare.py" + ("" if not argv else " " + shlex.join(argv))
     head = header(args, command, device, jobs)
-    write_markdown(out / "results.md", table, args, head, jobs, failed, missing)
-    write_claims(out / "claims.md", claims, args, head)
-    plot(out / "results.png", results, table, args)
+    md, ledgers, tables = [], [], {}
+    for name in names:
+        view = setting_args(args, name) if args.grid else ledger_view(args, name)
+        mine = [r for r in results if r.get("setting", "default") == name]
+        tables[name] = aggregate(mine, view)
+        figure = "results.png" if name == "default" else f"results-{name}.png"
+        plot(out / figure, mine, tables[name], view)
+        md.append((name, view, tables[name], mine, figure))
+        ledgers.append((name, view, ledger(mine, view, name)))
+    write_markdown(out / "results.md", md, args, head, jobs, failed, missing if args.grid else [])
+    write_claims(out / "claims.md", ledgers, args, head)
     (out / "results.json").write_text(json.dumps(
         {"command": command, "device": device, "jobs": jobs, "args": dataclasses.asdict(args),
-         "table": table, "claims": claims, "cells": results}, indent=1))
+         "settings": {name: dataclasses.asdict(SETTINGS[name]) for name in names},
+         "table": tables[names[0]] if len(names) == 1 else tables, "claims": [r for _, _, rows in ledgers for r in rows],
+         "cells": results}, indent=1))
     print("\n" + (out / "results.md").read_text() + "\n" + (out / "claims.md").read_text())
-    print(f"wrote {out / 'results.md'}, {out / 'claims.md'}, {out / 'results.png'} and {out / 'results.json'}")
+    if missing and not args.grid:
+        print(f"{len(missing)} cell(s) not run yet: python compare.py --dry-run lists them")
+    print(f"wrote {out / 'results.md'}, {out / 'claims.md'}, the figures and {out / 'results.json'}")
     if failed:
         print(f"error: {len(failed)} run(s) failed: " + ", ".join(c.name for c in failed), file=sys.stderr)
         sys.exit(1)

@@ -35,27 +35,39 @@ def parsed(flags):
     return args
 
 
+# the rows that deliberately change one thing of the shared setting (the claim they serve is about that thing)
+DEVIATES = {"centralized": dict(clients=1), "centralized_moco": dict(clients=1), "dec_ssl_central": dict(clients=1),
+            "fedavg_moco_c100": dict(clients=100), "mocosfl_c100": dict(clients=100),
+            "mocosfl_c1000": dict(clients=1000, rounds=80, eval_every=40),        # a pool of 100: 10x the rounds
+            "dec_ssl_fewer_rounds": dict(rounds=2, local_epochs=12, eval_every=1),   # 8 x 3 -> 2 x 12: same passes
+            "dec_ssl_p05": dict(participation=0.5), "mocosfl_sync10": dict(sync_every=10),
+            "mocosfl_sync_round": dict(sync_every=1000000)}
+
+
 @pytest.mark.parametrize("partition", ["iid", "classes", "dirichlet"])
 def test_every_row_gets_the_same_budget_partition_and_evaluation(partition):
-    args = compare.parse_args(["--rounds", "7", "--local-epochs", "3", "--clients", "20", "--alpha", "0.3",
-                               "--classes-per-client", "3", "--train-size", "5000", "--device", "cpu"])
+    args = compare.parse_args(["--rounds", "8", "--local-epochs", "3", "--clients", "20", "--alpha", "0.3",
+                               "--classes-per-client", "3", "--train-size", "5000", "--eval-every", "4",
+                               "--device", "cpu"])
     args.check()
     got = {key: parsed(compare.method_flags(key, args, partition, seed=4)) for key in compare.ROWS}
     for key, a in got.items():
-        assert (a.rounds, a.local_epochs, a.seed, a.train_size, a.eval_every, a.probe_epochs, a.encoder) == \
-            (7, 3, 4, 5000, args.eval_every, args.probe_epochs, "cnn"), key
-        if key == "centralized":
-            assert a.clients == 1
-            continue
-        assert (a.clients, a.partition) == (20, partition), key
-        assert (a.alpha, a.classes_per_client) == (0.3 if partition == "dirichlet" else 0.1,
-                                                   3 if partition == "classes" else 2), key
+        part = partition if compare.ROWS[key].partitioned else "iid"          # centralized rows: no partition
+        want = {**dict(rounds=8, local_epochs=3, seed=4, train_size=5000, eval_every=4, probe_epochs=args.probe_epochs,
+                       encoder="cnn", clients=20, partition=part, alpha=0.3 if part == "dirichlet" else 0.1,
+                       classes_per_client=3 if part == "classes" else 2), **DEVIATES.get(key, {})}
+        assert {k: getattr(a, k) for k in want} == want, key
+        if key not in ("dec_ssl_p05", "mocosfl_c1000", "fedavg_moco_c100", "mocosfl_c100"):
+            assert a.participation in (1.0, 0.0), key
+    assert got["dec_ssl_fewer_rounds"].rounds * got["dec_ssl_fewer_rounds"].local_epochs == 8 * 3   # same image passes
     assert got["mocosfl"].batch_size == 100 // 20                  # its own rule: ~100 images per server step
-    assert {got[k].batch_size for k in compare.ROWS if k != "mocosfl"} == {args.batch_size}
+    assert {got[k].batch_size for k in compare.ROWS if not k.startswith("mocosfl")} == {args.batch_size}
     assert got["dec_ssl_featarc"].featarc and not got["dec_ssl"].featarc
     assert got["fedavg_moco"].remote_features == 0 < got["feature_fusion"].remote_features
-    assert got["fed_cluster_1stage"].cluster_rounds == 7 == args.rounds          # one stage: clustering from round 1
+    assert got["centralized_moco"].remote_features == 0 == got["fedavg_moco_c100"].remote_features
+    assert got["fed_cluster_1stage"].cluster_rounds == 8 == args.rounds          # one stage: clustering from round 1
     assert (got["fed_cluster_cn"].loss, got["fed_cluster_cn"].cluster_loss) == ("contrastive", "noncontrastive")
+    assert type(got["fedavg_sl"]).__module__ == "fedavg_sl"
 
 
 def test_quick_is_a_preset_that_explicit_flags_override():
