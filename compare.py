@@ -1,58 +1,64 @@
 """The results table and the claims ledger: every method on the same partitions, seeds, encoder, budget and evaluation.
 
-Each cell (method x partition x seed) is one run of the method's own script in a subprocess,
-`python X.py <shared flags> <method flags> --out OUT/runs/...`; this file only reads what the runs
-wrote (summary.json, metrics.jsonl) and writes
-  OUT/results.md    the tables: kNN and linear probe with all, 1 % and 10 % of the training labels; every cell
-                    is the trained encoder's mean +- std over seeds AND (in brackets) its gain over the run's
-                    own untrained network of the same architecture (paired by seed), wall-clock per row
-  OUT/claims.md     the claims ledger: per claim of the papers, the paired per-seed differences, their mean,
-                    95 % t-interval and the verdict read from it (the rule is written at its top; CLAIMS below)
-  OUT/results.png   kNN accuracy against rounds with all labels and with 1 % of them, one panel per partition,
-                    +- std bands over seeds, each row's own untrained network dashed in its colour
-  OUT/results.json  every cell's numbers, the table and the ledger
-and prints the tables and the ledger at the end. OUT is results/ (committed) only for the default setting;
---quick writes runs/compare-quick/, any other setting runs/compare-<hash of its flags>/ (an explicit --out wins).
-It is resumable: a cell whose run folder holds a complete summary.json for the same command is not run
-again, an interrupted one continues with the method's own --resume, so re-running the same command
-after Ctrl-C (or after adding a method) only runs what is missing. A cell is keyed by its command line,
-not by the method's code: after changing a method, delete OUT/runs/<row>/ to run it again. Run
-folders (OUT/runs/) are not committed.
+Each cell (row x partition x seed, in a setting) is one run of the method's own script in a subprocess,
+`python X.py <shared flags> <row flags> --out OUT/runs/...`; this file only reads what the runs wrote and writes
+  OUT/cells/<row>/<partition>-s<seed>-<tag>/   one folder per finished cell, a few KB (cell.json: its numbers,
+                    command, commit, device, date, partition hash and code fingerprint; the run's summary.json,
+                    metrics.jsonl, config.json). results/cells/ is COMMITTED: the ledger is built up across sessions
+  OUT/results.md    per setting the tables: kNN and linear probe with all, 1 % and 10 % of the training labels; every
+                    cell is the trained encoder's mean +- std over seeds AND (in brackets) its gain over the run's own
+                    untrained network of the same architecture (paired by seed), wall-clock per row
+  OUT/claims.md     the claims ledger: per claim of the papers and setting, the paired per-seed differences, their
+                    mean, 95 % t-interval and the verdict read from it (the rule at its top; CLAIMS below), and a
+                    reading per paper generated from it
+  OUT/results.png   kNN accuracy against rounds (results-<setting>.png for a paper's setting)
+  OUT/results.json  every cell's numbers, the tables and the ledger
 
-What is the same for every row (the shared protocol, see README): dataset and its --train-size subset,
-the partition (same --seed => same indices in every method), the encoder (cnn, width 32), --clients,
-the evaluation (kNN k=200 t=0.1 every --eval-every rounds; linear probe, last of --probe-epochs; the same
-few-label subsets) and the image-pass budget: --rounds R x --local-epochs E, i.e. every image of every
-client is seen E times per round, R x E times in all. Per method (each keeps its own hyper-parameters:
-optimizer, lr, tau, ...):
-  local_cl              R rounds x E local epochs, no server; each client alone; numbers = mean over clients
-  fedavg_cl             R x E, FedAvg + SimCLR
-  gossip_ring           R x E, SimCLR clients, no server: one gossip step with the 2 ring neighbours per round;
-                        numbers = mean over the client models
-  gossip_complete       the same on the complete graph: FedAvg with the unweighted mean
-  fedavg_moco           R x E, feature_fusion with fusion off: FedAvg + MoCo, the ablation baseline of FF
-  feature_fusion        R x E, FedAvg + MoCo with the other clients' features as extra negatives
-  neighborhood_match    R x E, feature_fusion + neighbourhood-matching loss
-  dec_ssl               R x E, SimCLR, unweighted model mean, server lr decay (the Dec-SSL code's recipe)
-  dec_ssl_featarc       R x E, the same with FeatARC (2 cluster models; headline = mean over them)
-  mocosfl               R rounds = R epochs of the pool (all clients when fewer than 200) x E passes:
-                        steps per round = E x mean client size // b; its own batch rule b = 100 // clients
-                        images per client per step (server batch ~100; --batch-size is not passed), its own
-                        network norm (GroupNorm + weight standardisation: it refuses BatchNorm), SGD 0.06
-  fed_cluster           R x E; rounds 1..R - R//2 stage 1 (representation), the last R//2 stage 2 (clustering);
-                        losses N+C / C (its default); fed_cluster_cc / _nc / _cn / _1stage: the other losses and
-                        the one-stage baseline, for Miao & Koyuncu's orderings (2 classes per client only)
-  centralized           fedavg_cl --clients 1: one client with all images, R x E epochs; no partition, so
-                        one run per seed, repeated in every column
+The default command is the LEDGER: exactly the cells the claims need (CLAIMS: each claim's two sides x --seeds),
+in every setting (SETTINGS): the default CPU setting and each paper's own shape at CPU scale (fixed before any run
+of it, with the same image passes). It runs only what is not committed: a cell is
+  done     results/cells holds it (same command; the device does not count) and the code it ran has today's
+           fingerprint (per project file the run imports, a hash of its syntax tree without docstrings and
+           comments), or a fingerprint `--restamp` proved equivalent (a seeded tiny run of every row
+           bit-identical at the cell's commit and today: results/cells/equivalent.json);
+  stale    committed, but its code changed since: it runs again;
+  missing  not committed: it runs.
+A finished run folder in OUT/runs (or in another compare.py output named by --collect, e.g. a git worktree that
+ran cells of a fixed commit) is taken into OUT/cells instead of being run again. A resumed run whose code changed
+between its launches is not taken. Run folders (OUT/runs/) are never committed.
+A table of your own: --methods and/or --partitions (every row x column x seed; --quick = a tiny budget, one seed);
+it reads the committed cells of the same command too. Only the default setting writes into results/; any other
+into runs/compare-<hash of its flags>/ (an explicit --out wins).
+
+What is the same for every row (the shared protocol, see README): dataset and its --train-size subset, the partition
+(same --seed => same indices in every method), the encoder (cnn, width 32), --clients, the evaluation (kNN k=200
+t=0.1 every --eval-every rounds; linear probe, last of --probe-epochs; the same few-label subsets) and the image-pass
+budget: --rounds R x --local-epochs E, i.e. every image of every client is seen E times per round, R x E in all.
+Per method (each keeps its own hyper-parameters: optimizer, lr, tau, ...):
+  local_cl / fedavg_cl  each client alone (mean over clients) / FedAvg + SimCLR; centralized = fedavg_cl --clients 1
+  fedavg_sl             FedAvg + cross-entropy on the clients' LABELS (Dec-SSL's decentralized supervised baseline)
+  gossip_ring/_complete SimCLR clients, no server: one gossip step a round with the ring neighbours / everybody
+  fedavg_moco           feature_fusion with fusion off (FedAvg + MoCo), the ablation of FF; centralized_moco: 1 client
+  feature_fusion / neighborhood_match   CCL: + the other clients' features as negatives / + neighbourhood matching
+  dec_ssl (_featarc)    SimCLR, unweighted mean, server lr decay (the Dec-SSL code's recipe) (+ FeatARC, 2 clusters);
+                        _p05: half the clients a round; _fewer_rounds: R/4 rounds x 4E local epochs (same passes);
+                        dec_ssl_central: --clients 1
+  mocosfl               R rounds = R epochs of the pool x E passes; its own batch rule b = 100 // clients images per
+                        client per step (server batch ~100; --batch-size is not passed), GroupNorm + WS, SGD 0.06;
+                        _c100 / _c1000: 100 / 1000 clients on the same data (at 1000 a pool of 100 a round, so 10x the
+                        rounds for the same passes); _sync10 / _sync_round: client sync every 10 steps / once a round
+  fed_cluster (_cc, _nc, _cn, _1stage)  rounds 1..R - R//2 stage 1, the last R//2 stage 2; losses N+C / C by default,
+                        the other losses and the one-stage baseline for Miao & Koyuncu's orderings (2 classes only)
 Rows differ in their networks (mocosfl: GroupNorm + WS), so compare rows by their gain, not by raw accuracy.
 
-Run:      python compare.py                   (3 seeds x (3 partitions x 11 rows + 4 fed_cluster variants
-                                               + centralized) = 114 runs; meant for a GPU with the default
-                                               --jobs; on 2 CPU cores about 14 hours, estimated from one
-                                               default fedavg_cl run, 285 s, and the rows' GPU time ratios)
-          python compare.py --quick           (one seed, tiny budget: checks the pipeline, not the methods;
-                                               about 5 minutes on 2 cores; writes runs/compare-quick/)
+Run:      python compare.py --dry-run       what is done, stale and missing, per row and setting (runs nothing)
+          python compare.py                 the ledger: runs only the missing cells (one CPU run at a time; on 2
+                                            cores `--jobs 2`), then writes results/; bash gpu_ledger.sh on a GPU
+          python compare.py --setting decssl            one setting
+          python compare.py --quick         (one seed, tiny budget: checks the pipeline, not the methods)
           python compare.py --methods fedavg_cl,mocosfl --partitions classes --seeds 0
+          python compare.py --restamp       keep stale cells whose code change is proven not to change numbers
+          python compare.py --collect ../worktree/results     take finished cells from another output folder
 Then paste results/results.md and results/claims.md into the README (nothing in them is typed by hand).
 """
 from __future__ import annotations
@@ -161,6 +167,9 @@ class Args:
     """all | default | ccl | decssl | mocosfl: the ledger's settings to run (each paper's own shape: SETTINGS)"""
     dry_run: bool = False
     """list what is done, stale and missing per row, run nothing"""
+    restamp: bool = False
+    """for stale committed cells: prove with a seeded tiny run per row that the code they ran and today's give
+    bit-identical numbers; if so, keep them (results/cells/equivalent.json); run nothing else"""
     collect: str = ""
     """comma-separated output folders of other compare.py runs (e.g. a git worktree's results/) whose finished
     cells are taken into this one's cells/ instead of being run again"""
@@ -1064,6 +1073,82 @@ def plot(path: Path, results: list, table: dict, args: Args):
     plt.close(fig)
 
 
+PROOF = dict(train_size=600, test_size=300, rounds=2, eval_every=1, probe_epochs=2, batch_size=32)
+TIMING = ("elapsed_s", "images_per_s", "wall_s", "train_s")      # what a proof run may differ in
+
+
+def proof_command(cell: Cell, args: Args) -> list:
+    """A seeded tiny run of the cell's row in its setting: the proof that two versions of the code compute the same
+    numbers (enough images for every client; the row's own flags kept)."""
+    view = dataclasses.replace(setting_args(args, cell.setting), **PROOF, device="cpu")
+    mod = __import__(Path(cell.flags[0]).stem)
+    clients = common.parse_args(mod.Args, cell.flags[1:], script=None).clients
+    view.train_size = max(view.train_size, 10 * clients)
+    return method_flags(cell.method, view, cell.partition if cell.partition != "all" else "iid", 0)
+
+
+def proof_numbers(tree: Path, flags: list, out: Path) -> dict:
+    """Run `flags` in the source tree `tree` (one thread) and return its metrics.jsonl and summary.json without
+    the timings; {} when it did not finish."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *flags, "--out", str(out)], cwd=tree, capture_output=True, text=True, env=env)
+    found = sorted(out.glob("*/summary.json"))
+    if proc.returncode != 0 or not found:
+        return {}
+    clean = lambda d: {k: v for k, v in d.items() if k not in TIMING}
+    rows = [clean(json.loads(line)) for line in (found[-1].parent / "metrics.jsonl").read_text().splitlines()]
+    return {"metrics": rows, "summary": clean(json.loads(found[-1].read_text()))}
+
+
+def restamp(cells: list, state: dict, args: Args) -> list:
+    """For every stale cell's code version: run each row's proof at the cell's commit and on today's code; when
+    every row of that version gives bit-identical numbers, record old -> today's fingerprint in equivalent.json
+    (its cells are then done). Returns one line per version: what was proven or why not."""
+    import tempfile
+    groups, lines = {}, []
+    for cell in cells:
+        if state[cell] == "stale":
+            rec = stored(cell, [STORE])
+            groups.setdefault((cell.flags[0], rec["fingerprint_id"], rec["commit"]), []).append((cell, rec))
+    equiv = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
+    for (script, old, commit), members in groups.items():
+        now = fingerprint_id(code_fingerprint(script))
+        if fingerprint_id(code_fingerprint(script, git_reader(commit))) != old:
+            lines.append(f"{script} {old}: commit {commit[:7]} does not hold the code these cells ran (run from an "
+                         f"edited tree); run them again")
+            continue
+        rows = {}
+        for cell, _ in members:
+            rows.setdefault((cell.method, cell.setting, cell.partition), cell)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "old"), commit], cwd=ROOT,
+                           capture_output=True, check=True)
+            try:
+                same, why = True, ""
+                for i, cell in enumerate(rows.values()):
+                    flags = proof_command(cell, args)
+                    a = proof_numbers(tmp / "old", flags, tmp / f"a{i}")
+                    b = proof_numbers(ROOT, flags, tmp / f"b{i}")
+                    if not a or a != b:
+                        same, why = False, f"{cell.method} [{cell.setting}]: " + (
+                            "the proof run failed" if not a or not b else "the numbers differ")
+                        break
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "old")], cwd=ROOT, capture_output=True)
+        if same:
+            equiv[old] = {"to": now, "script": script, "from_commit": commit, "date": time.strftime("%Y-%m-%d"),
+                          "proof": "bit-identical metrics.jsonl and summary.json (timings aside) of a seeded tiny run "
+                                   f"of every row ({', '.join(sorted({k for k, _, _ in rows}))}) at {commit[:7]} and on "
+                                   "the code of today", "device": device_name("cpu")}
+            common._write_json(EQUIVALENT, equiv)
+            lines.append(f"{script} {old} -> {now}: proven bit-identical on {len(rows)} row(s); "
+                         f"{len(members)} cell(s) kept")
+        else:
+            lines.append(f"{script} {old}: not proven ({why}); its {len(members)} cell(s) run again")
+    return lines
+
+
 def plan(cells: list, out: Path, status: Status, sources: list, device: str) -> dict:
     """state[cell] = done / stale / missing. A finished run folder (in OUT/runs or a --collect source) whose
     launch saw today's code is collected into OUT/cells first (then done); one that saw other code is set
@@ -1142,6 +1227,10 @@ def main(argv=None):
     device = device_name(args.device)
     jobs = args.jobs or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device.startswith("GPU") else 1)
     stores = [out / "cells"] + ([STORE] if out / "cells" != STORE else [])
+    if args.restamp:
+        state = {c: Status([STORE])(c) for c in cells}
+        print("\n".join(restamp(cells, state, args) or ["no stale cells: nothing to prove"]))
+        return
     if args.dry_run:
         state = {c: Status(stores)(c) for c in cells}
         print(f"{len(cells)} cells: {sum(v == 'done' for v in state.values())} committed, "

@@ -179,3 +179,59 @@ def test_committed_cells_are_whole_and_belong_to_a_ledger_cell():
         assert all(rec[m] is not None for m in compare.METRICS) and rec["device"] and rec["date"], path
         assert not list(path.parent.glob("*.pt")), path
     assert not list(compare.STORE.glob("*/*.tmp*")) and not list(compare.STORE.glob("*/*.old*"))
+
+
+def test_gpu_command_dry_runs_on_the_cpu_and_passes_flags_through(tmp_path):
+    env = {**__import__("os").environ, "LEDGER_DEVICE": "cpu", "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "gpu_ledger.sh"), "--setting", "mocosfl", "--seeds", "0", "--dry-run",
+                           "--out", str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "7 cells: 0 committed, 0 stale, 7 missing (--dry-run: nothing is run)", lines[:3]
+    assert "  mocosfl_c1000 [mocosfl]: 1 cells, 0 committed, 1 to run" in lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_proof_command_is_the_rows_own_flags_at_a_tiny_budget():
+    args = compare.parse_args([])
+    cells = {(c.method, c.setting): c for c in compare.ledger_cells(args, ROOT / "runs")}
+    flags = compare.proof_command(cells[("dec_ssl_featarc", "decssl")], args)
+    a = compare.common.parse_args(__import__("dec_ssl").Args, flags[1:])
+    assert (a.featarc, a.clients, a.local_epochs, a.alpha, a.train_size, a.rounds, a.seed, a.device) == \
+        (True, 5, 5, 0.02, 600, 2, 0, "cpu")
+    big = compare.proof_command(cells[("mocosfl_c1000", "default")], args)
+    b = compare.common.parse_args(__import__("mocosfl").Args, big[1:])
+    assert (b.clients, b.train_size) == (1000, 10000)                     # 10 images for every client
+
+
+def test_restamp_keeps_cells_only_when_every_row_gives_the_same_numbers(tmp_path, monkeypatch):
+    store = tmp_path / "cells"
+    monkeypatch.setattr(compare, "STORE", store)
+    monkeypatch.setattr(compare, "EQUIVALENT", store / "equivalent.json")
+    args = compare.parse_args(["--setting", "default"])
+    cells = [c for c in compare.ledger_cells(args, tmp_path / "runs") if c.flags[0] == "fedavg_cl.py" and c.seed == 0]
+    assert {c.method for c in cells} == {"fedavg_cl", "centralized"}
+    old = {"fedavg_cl.py": "old"}
+    for c in cells:
+        compare.write_cell(store, c, {"command": "python " + shlex.join(c.flags), **{m: 0.5 for m in compare.METRICS}},
+                           {"fingerprint": old, "fingerprint_id": compare.fingerprint_id(old), "commit": "abc1234"})
+    monkeypatch.setattr(compare, "git_reader", lambda commit: (lambda name: None))     # the code at the commit: old
+    monkeypatch.setattr(compare, "code_fingerprint", lambda script, read=None: old if read is not None
+                        else {"fedavg_cl.py": "new"})
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))
+    runs = []
+
+    def numbers(tree, flags, out):
+        runs.append((tree, flags[0]))
+        return {"metrics": [{"knn_acc": 0.5}], "summary": {"linear_acc": 0.6 if differ and tree != ROOT else 0.5}}
+    monkeypatch.setattr(compare, "proof_numbers", numbers)
+    state = {c: "stale" for c in cells}
+    differ = True
+    lines = compare.restamp(cells, state, args)
+    assert len(lines) == 1 and "not proven" in lines[0] and not (store / "equivalent.json").exists()
+    differ, runs[:] = False, []
+    lines = compare.restamp(cells, state, args)
+    assert "proven bit-identical on 2 row(s); 2 cell(s) kept" in lines[0] and len(runs) == 4    # both rows, both trees
+    equiv = json.loads((store / "equivalent.json").read_text())
+    assert equiv[compare.fingerprint_id(old)]["to"] == compare.fingerprint_id({"fedavg_cl.py": "new"})
+    assert compare.Status([store])(cells[0]) == "done"
