@@ -10,7 +10,8 @@ import torch
 
 import common
 import gossip_cl as g
-from conftest import TINY, assert_bad_input, assert_complete_run, read_run, resume_to, run_script
+from conftest import (SMALL, TINY, assert_bad_input, assert_complete_run, read_run, resume_to, run_in_process,
+                      run_script)
 
 GRAPHS = [("ring", 2), ("ring", 5), ("ring", 12), ("torus", 4), ("torus", 12), ("random", 12),
           ("random", 2), ("complete", 7), ("none", 6)]
@@ -143,6 +144,32 @@ def test_consensus_distance_shrinks_at_the_rate_of_the_second_eigenvalue(topolog
     ratios = np.array(dist[1:]) / np.array(dist[:-1])
     assert (ratios <= rate * (1 + 1e-9)).all()                # never slower than |lambda_2|^2 per step
     assert ratios[-1] == pytest.approx(rate, rel=1e-3)        # and eventually exactly that rate
+
+
+def test_round_loop_trains_each_client_from_its_own_row_on_its_own_images(monkeypatch, tmp_path):
+    """main() on a ring of 4: client c's local update gets c's images and starts from c's row of the
+    stacks, which in round 2 is c's OWN mixed model (the rows differ after one ring step)."""
+    calls, mixed, real_update, real_gossip = [], [], g.local_update, g.gossip
+    flat = lambda m: torch.cat([t.reshape(-1) for t in m.state_dict().values() if t.is_floating_point()])
+
+    def update(model, run, idx, args):
+        calls.append((idx.clone(), [c.clone() for c in run.clients], flat(model).clone()))
+        return real_update(model, run, idx, args)
+
+    def gossip(w, x, counts, steps):
+        real_gossip(w, x, counts, steps)
+        mixed.append(x.clone())
+    monkeypatch.setattr(g, "local_update", update)
+    monkeypatch.setattr(g, "gossip", gossip)
+    run_in_process(g, *SMALL, "--clients", "4", "--partition", "iid", "--width", "8", "--proj-dim", "16",
+                   out=tmp_path / "runs", monkeypatch=monkeypatch)
+    assert len(calls) == 8                                             # 2 rounds x 4 clients
+    for i, (idx, clients, start) in enumerate(calls):
+        c = i % 4
+        assert torch.equal(idx, clients[c])                            # its own images
+        if i >= 4:                                                     # round 2: its own row after gossip
+            assert torch.equal(start, mixed[0][c]), c
+    assert not torch.allclose(mixed[0][0], mixed[0][2])                # the rows differ, so the row matters
 
 
 def test_end_to_end_ring_writes_mixing_figures_and_resumes_to_the_same_result(out, tmp_path):
