@@ -255,6 +255,30 @@ def test_bad_values_are_refused_by_check(kw, needle):
         fc.Args(**kw).check()
 
 
+def test_evaluate_clustering_is_the_argmax_of_the_cluster_head_on_clean_test_images(monkeypatch):
+    """A fixed model: the predicted cluster of each test image is argmax_m c(f(x))_m (eval mode, un-augmented),
+    and ACC / NMI / ARI are computed on those predictions; with labels equal to them ACC = NMI = ARI = 1."""
+    torch.manual_seed(5)
+    x = torch.randint(0, 256, (120, 1, 28, 28), dtype=torch.uint8)
+    model = fc.Net(common.SmallCNN(1, width=8), 16, 10).eval()
+    train_x = torch.randint(0, 256, (120, 1, 28, 28), dtype=torch.uint8)               # not the images scored
+    data = common.Data(train_x, torch.zeros(120, dtype=torch.long), x, torch.zeros(120, dtype=torch.long), 10,
+                       (0.3,), (0.35,))
+    augment = common.Augment(data)
+    with torch.no_grad():                       # centre the head's hidden layer: the images spread over clusters
+        first = model.cluster[0]
+        a = first(model.encoder(augment.plain(x)))
+        first.weight.div_(a.std(0)[:, None]), first.bias.copy_((first.bias - a.mean(0)) / a.std(0))
+        want = model.cluster(model.encoder(augment.plain(x))).argmax(1)
+    data.test_y = want.clone()
+    seen, real = [], common.cluster_acc
+    monkeypatch.setattr(common, "cluster_acc", lambda y, p: seen.append(p.copy()) or real(y, p))
+    out = fc.evaluate_clustering(model, SimpleNamespace(data=data, augment=augment))
+    assert seen[0].tolist() == want.tolist() and len(set(want.tolist())) >= 4
+    assert out["clusters_used"] == len(set(want.tolist()))
+    assert out["cluster_acc"] == out["nmi"] == pytest.approx(1.0) and out["ari"] == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # local_update against the same terms recomputed; the round loop watched from inside
 # ---------------------------------------------------------------------------------------------
