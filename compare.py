@@ -57,6 +57,7 @@ Run:      python compare.py --dry-run       what is done, stale and missing, per
           python compare.py --setting decssl            one setting
           python compare.py --quick         (one seed, tiny budget: checks the pipeline, not the methods)
           python compare.py --methods fedavg_cl,mocosfl --partitions classes --seeds 0
+          python compare.py --report        the tables and the ledger from what is committed, running nothing
           python compare.py --restamp       keep stale cells whose code change is proven not to change numbers
           python compare.py --collect ../worktree/results     take finished cells from another output folder
 Then paste results/results.md and results/claims.md into the README (nothing in them is typed by hand).
@@ -167,6 +168,9 @@ class Args:
     """all | default | ccl | decssl | mocosfl: the ledger's settings to run (each paper's own shape: SETTINGS)"""
     dry_run: bool = False
     """list what is done, stale and missing per row, run nothing"""
+    report: bool = False
+    """write the tables and the ledger from the cells already there (committed, or finished in OUT/runs and --collect
+    folders), run nothing"""
     restamp: bool = False
     """for stale committed cells: prove with a seeded tiny run per row that the code they ran and today's give
     bit-identical numbers; if so, keep them (results/cells/equivalent.json); run nothing else"""
@@ -695,8 +699,8 @@ def device_name(device: str) -> str:
     return f"CPU {model} ({os.cpu_count()} cores)"
 
 
-NEUTRAL = ("out", "jobs", "device")                    # flags that do not change any number
-SELECTION = ("seeds", "methods", "partitions")          # flags that choose cells, not their setting
+NEUTRAL = ("out", "jobs", "device", "dry_run", "report", "restamp", "collect")   # flags that change no number
+SELECTION = ("seeds", "methods", "partitions", "setting")                         # flags that choose cells
 
 
 def changed_flags(args: Args) -> dict:
@@ -1000,11 +1004,13 @@ def reading(rows: list) -> list:
             mine = [r for r in rows if r["paper"] == paper and r["setting"] == setting]
             parts = []
             for v in ("holds", "does not hold", "inconclusive"):
-                got = [r for r in mine if r["verdict"] == v]
+                got = [r for r in mine if r["verdict"] == v and r["diffs"]]
                 if got:
-                    parts.append(f"{v} ({len(got)}): " + "; ".join(
-                        r["claim"] + (f" {r['mean']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" if r["lo"] is not None
-                                      else " (not run here)" if not r["diffs"] else "") for r in got))
+                    parts.append(f"*{v}* ({len(got)}): " + "; ".join(
+                        f"{r['claim']} {r['mean']:+.3f}" + (f" [{r['lo']:+.3f}, {r['hi']:+.3f}], {len(r['diffs'])} seeds"
+                                                           if r["lo"] is not None else ", 1 seed") for r in got))
+            if waiting := sum(not r["diffs"] for r in mine):
+                parts.append(f"not run yet: {waiting} claim(s)")
             lines.append(f"  - {setting} setting: " + " | ".join(parts))
     return lines
 
@@ -1149,9 +1155,9 @@ def restamp(cells: list, state: dict, args: Args) -> list:
     return lines
 
 
-def plan(cells: list, out: Path, status: Status, sources: list, device: str) -> dict:
+def plan(cells: list, store: Path, status: Status, sources: list, device: str) -> dict:
     """state[cell] = done / stale / missing. A finished run folder (in OUT/runs or a --collect source) whose
-    launch saw today's code is collected into OUT/cells first (then done); one that saw other code is set
+    launch saw today's code is collected into `store` first (then done); one that saw other code is set
     aside (renamed *.stale-<time>) so that the cell runs again."""
     state = {}
     for cell in cells:
@@ -1167,7 +1173,7 @@ def plan(cells: list, out: Path, status: Status, sources: list, device: str) -> 
             if fp is None and commit and not (src.dir / "fingerprint.json").is_file():   # a run of an older compare.py
                 fp, how = code_fingerprint(cell.flags[0], git_reader(commit)), f"git commit {commit[:7]} (config.json)"
             if fp is not None and current(fingerprint_id(fp), status.fid(cell.flags[0]), status.equiv):
-                collect(out / "cells", cell, folder, fp, device, how)
+                collect(store, cell, folder, fp, device, how)
                 state[cell] = "done"
                 break
             if src is cell:
@@ -1226,7 +1232,9 @@ def main(argv=None):
         common.refuse(str(e))
     device = device_name(args.device)
     jobs = args.jobs or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device.startswith("GPU") else 1)
-    stores = [out / "cells"] + ([STORE] if out / "cells" != STORE else [])
+    # the committed store takes the cells of the ledger's own settings (no budget flag changed, no --out given)
+    store = STORE if not args.out and not args.quick and set(changed_flags(args)) <= set(SELECTION) else out / "cells"
+    stores = [store] + ([STORE] if store != STORE else [])
     if args.restamp:
         state = {c: Status([STORE])(c) for c in cells}
         print("\n".join(restamp(cells, state, args) or ["no stale cells: nothing to prove"]))
@@ -1248,17 +1256,17 @@ def main(argv=None):
         common.refuse(str(e))
     print(f"output folder: {out}", flush=True)
     status = Status(stores)
-    state = plan(cells, out, status, source_index(sources), device)
+    state = plan(cells, store, status, source_index(sources), device)
     todo = [c for c in cells if state[c] != "done"]
-    print(f"{len(cells)} cells, {len(cells) - len(todo)} already complete, {len(todo)} to run ({jobs} at a time)",
-          flush=True)
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already complete, "
+          + (f"{len(todo)} not run (--report)" if args.report else f"{len(todo)} to run ({jobs} at a time)"), flush=True)
     print("\n".join(row_lines(cells, state)), flush=True)
 
     def finished(cell):
         fp, how = launch_fingerprint(cell)
         if fp is not None:
-            collect(out / "cells", cell, cell.run_folder(), fp, device, how)
-    failed = run_all(todo, jobs, finished)
+            collect(store, cell, cell.run_folder(), fp, device, how)
+    failed = run_all([] if args.report else todo, jobs, finished)
     results = [r for c in cells if (r := read_cell(c, stores)) is not None]
     missing = [c for c in cells if read_cell(c, stores) is None and c not in failed]
     command = "python compare.py" + ("" if not argv else " " + shlex.join(argv))

@@ -97,7 +97,7 @@ def test_a_finished_run_is_collected_and_goes_stale_when_its_code_changes(tmp_pa
     fake_run(cell.dir, cell, knn=0.7, fp=fp)
     status = compare.Status([out / "cells"])
     assert status(cell) == "missing"
-    state = compare.plan([cell], out, status, {}, "CPU test")
+    state = compare.plan([cell], out / "cells", status, {}, "CPU test")
     assert state[cell] == "done"
     rec = json.loads((out / "cells" / "fedavg_cl" / cell.tag / "cell.json").read_text())
     assert rec["knn_acc"] == 0.7 and rec["fingerprint"] == fp and rec["device"] == "CPU test"
@@ -109,7 +109,7 @@ def test_a_finished_run_is_collected_and_goes_stale_when_its_code_changes(tmp_pa
     monkeypatch.setattr(compare, "code_fingerprint", lambda script, read=None: {**fp, "common.py": "changed"})
     status = compare.Status([out / "cells"])
     assert status(cell) == "stale"
-    state = compare.plan([cell], out, status, {}, "CPU test")
+    state = compare.plan([cell], out / "cells", status, {}, "CPU test")
     assert state[cell] == "stale" and not cell.dir.exists() and list(cell.dir.parent.glob(cell.tag + ".stale-*"))
     assert compare.row_lines([cell], state) == ["  fedavg_cl [default]: 1 cells, 0 committed, 1 to run (1 stale: "
                                                 "code changed)"]
@@ -135,7 +135,7 @@ def test_a_run_resumed_on_other_code_is_not_collected(tmp_path):
     fp = compare.code_fingerprint("fedavg_cl.py")
     fake_run(cell.dir, cell, fp=fp)
     (cell.dir / "fingerprint.json").write_text(json.dumps([fp, {**fp, "fedavg_cl.py": "edited"}]))
-    state = compare.plan([cell], out, compare.Status([out / "cells"]), {}, "CPU")
+    state = compare.plan([cell], out / "cells", compare.Status([out / "cells"]), {}, "CPU")
     assert state[cell] == "missing" and not (out / "cells").exists()
 
 
@@ -149,7 +149,7 @@ def test_collect_takes_runs_of_an_older_compare_from_another_folder_by_their_com
     assert list(index.values()) == [[other / "runs" / "fedavg_cl" / "iid-s0-0ldta9"]]
     status = compare.Status([out / "cells"])
     want = compare.code_fingerprint("fedavg_cl.py", compare.git_reader(head))
-    state = compare.plan([cell], out, status, index, "CPU")
+    state = compare.plan([cell], out / "cells", status, index, "CPU")
     if compare.fingerprint_id(want) == status.fid("fedavg_cl.py"):     # HEAD's code is the working tree's
         assert state[cell] == "done"
         rec = json.loads((out / "cells" / "fedavg_cl" / cell.tag / "cell.json").read_text())
