@@ -1192,6 +1192,20 @@ def source_index(sources: list) -> dict:
     return index
 
 
+def estimate(todo: list, stores: list, jobs: int) -> str:
+    """How long `todo` takes, from the committed cells' wall-clock (same row, else all rows'), `jobs` at a time."""
+    walls = {}
+    for store in stores:
+        for path in store.glob("*/*/cell.json"):
+            walls.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text())["wall_s"])
+    if not todo or not walls:
+        return ""
+    every = [w for ws in walls.values() for w in ws]
+    secs = sum(np.mean(walls.get(c.method, every)) for c in todo) / jobs
+    return (f"about {secs / 3600:.1f} h with {jobs} run(s) at once (from the committed cells' wall-clock on "
+            f"their devices; rows not run yet counted at the mean of all)")
+
+
 def row_lines(cells: list, state: dict) -> list:
     """One line per row and setting: how many of its cells are committed, stale, missing."""
     lines, groups = [], {}
@@ -1245,6 +1259,8 @@ def main(argv=None):
               f"{sum(v == 'stale' for v in state.values())} stale, {sum(v == 'missing' for v in state.values())} "
               f"missing (--dry-run: nothing is run)")
         print("\n".join(row_lines(cells, state)))
+        if eta := estimate([c for c in cells if state[c] != "done"], stores, jobs):
+            print(f"to run: {eta}")
         for c in cells:
             if state[c] != "done":
                 print(f"  {state[c]}: {c.name}: python {shlex.join(c.flags)}")
@@ -1261,6 +1277,8 @@ def main(argv=None):
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already complete, "
           + (f"{len(todo)} not run (--report)" if args.report else f"{len(todo)} to run ({jobs} at a time)"), flush=True)
     print("\n".join(row_lines(cells, state)), flush=True)
+    if todo and not args.report and (eta := estimate(todo, stores, jobs)):
+        print(f"{len(todo)} to run: {eta}; Ctrl-C stops, the same command continues", flush=True)
 
     def finished(cell):
         fp, how = launch_fingerprint(cell)
