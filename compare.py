@@ -1043,11 +1043,14 @@ def plot(path: Path, results: list, table: dict, args: Args):
     parts, metrics = args.partition_list, ("knn_acc", "knn_acc_1pct")
     width = 4.2 * len(parts) + 2.6
     fig, axes = plt.subplots(2, len(parts), figsize=(width, 7.2), squeeze=False, sharey="row")
-    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors)   # 18 distinct colours
+    palette = list(plt.get_cmap("tab10").colors)
+    keys = [k for k in args.method_list if not ROWS[k].variant       # the claim variants are in the tables only
+            and any(r["method"] == k for r in results)]                  # colours for the rows drawn, not all rows
+    style = {k: (palette[i % 10], "osD^v"[i // 10 % 5]) for i, k in enumerate(keys)}   # colour x marker: 50 rows
     for col, part in enumerate(parts):
         for row, metric in enumerate(metrics):
             ax = axes[row][col]
-            for i, key in enumerate(args.method_list):
+            for key in keys:
                 runs = [r for r in results if r["method"] == key and r["partition"] in (part, "all")
                         and r["curve"].get(metric)]
                 if not runs:
@@ -1055,8 +1058,8 @@ def plot(path: Path, results: list, table: dict, args: Args):
                 rounds = sorted(set.intersection(*[{c[0] for c in r["curve"][metric]} for r in runs]))
                 ys = np.array([[dict(map(tuple, r["curve"][metric]))[x] for x in rounds] for r in runs])
                 mean, std = ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros(len(rounds))
-                color = palette[i % len(palette)]
-                ax.plot(rounds, mean, marker="o", ms=3, color=color, label=key)
+                color, marker = style[key]
+                ax.plot(rounds, mean, marker=marker, ms=3, color=color, label=key)
                 ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.15, lw=0)
                 if (st := table.get(key, {}).get(part, {}).get(metric)) is not None:
                     ax.axhline(st["random_mean"], color=color, ls="--", lw=0.9, alpha=0.8)
