@@ -72,6 +72,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -171,6 +172,8 @@ class Args:
     report: bool = False
     """write the tables and the ledger from the cells already there (committed, or finished in OUT/runs and --collect
     folders), run nothing"""
+    readme: bool = False
+    """also paste the new results.md and claims.md into README.md's generated blocks (the committed setting only)"""
     restamp: bool = False
     """for stale committed cells: prove with a seeded tiny run per row that the code they ran and today's give
     bit-identical numbers; if so, keep them (results/cells/equivalent.json); run nothing else"""
@@ -699,7 +702,7 @@ def device_name(device: str) -> str:
     return f"CPU {model} ({os.cpu_count()} cores)"
 
 
-NEUTRAL = ("out", "jobs", "device", "dry_run", "report", "restamp", "collect")   # flags that change no number
+NEUTRAL = ("out", "jobs", "device", "dry_run", "report", "restamp", "collect", "readme")   # flags that change no number
 SELECTION = ("seeds", "methods", "partitions", "setting")                         # flags that choose cells
 
 
@@ -1158,6 +1161,27 @@ def restamp(cells: list, state: dict, args: Args) -> list:
     return lines
 
 
+def readme_blocks(text: str) -> dict:
+    """{file: its quoted text} of README's generated blocks, each between `<!-- begin FILE -->` and
+    `<!-- end FILE -->` lines (FILE relative to the repository root)."""
+    blocks = {}
+    for part in text.split("<!-- begin ")[1:]:
+        name, rest = part.split(" -->\n", 1)
+        blocks[name] = rest.split(f"<!-- end {name} -->", 1)[0]
+    return blocks
+
+
+def paste_into_readme(readme: Path, root: Path = ROOT):
+    """Replace every generated block of README.md by the file it names, as it is now."""
+    text = readme.read_text()
+    for name, old in readme_blocks(text).items():
+        body = (root / name).read_text()
+        body = re.sub(r"\]\((results[^)/]*\.png)\)", r"](results/\1)", body)      # figures beside the file
+        text = text.replace(f"<!-- begin {name} -->\n{old}<!-- end {name} -->",
+                            f"<!-- begin {name} -->\n{body}<!-- end {name} -->")
+    readme.write_text(text)
+
+
 def plan(cells: list, store: Path, status: Status, sources: list, device: str) -> dict:
     """state[cell] = done / stale / missing. A finished run folder (in OUT/runs or a --collect source) whose
     launch saw today's code is collected into `store` first (then done); one that saw other code is set
@@ -1311,6 +1335,9 @@ def main(argv=None):
     print("\n" + (out / "results.md").read_text() + "\n" + (out / "claims.md").read_text())
     if missing and not args.grid:
         print(f"{len(missing)} cell(s) not run yet: python compare.py --dry-run lists them")
+    if args.readme and out == ROOT / "results":
+        paste_into_readme(ROOT / "README.md")
+        print("pasted results/results.md and results/claims.md into README.md")
     print(f"wrote {out / 'results.md'}, {out / 'claims.md'}, the figures and {out / 'results.json'}")
     if failed:
         print(f"error: {len(failed)} run(s) failed: " + ", ".join(c.name for c in failed), file=sys.stderr)

@@ -235,3 +235,23 @@ def test_restamp_keeps_cells_only_when_every_row_gives_the_same_numbers(tmp_path
     equiv = json.loads((store / "equivalent.json").read_text())
     assert equiv[compare.fingerprint_id(old)]["to"] == compare.fingerprint_id({"fedavg_cl.py": "new"})
     assert compare.Status([store])(cells[0]) == "done"
+
+
+def test_readme_quotes_the_committed_ledger_and_tables_verbatim():
+    import re
+    blocks = compare.readme_blocks((ROOT / "README.md").read_text())
+    assert set(blocks) == {"results/claims.md"}
+    for name, text in blocks.items():
+        body = re.sub(r"\]\((results[^)/]*\.png)\)", r"](results/\1)", (ROOT / name).read_text())
+        assert text == body, f"README's block of {name} is not the file: python compare.py --report --readme"
+    assert "## Reading, per paper" in blocks["results/claims.md"]
+
+
+def test_paste_into_readme_replaces_only_the_blocks(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "a.md").write_text("new ![fig](results.png)\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- begin results/a.md -->\nold\n<!-- end results/a.md -->\nbottom\n")
+    compare.paste_into_readme(readme, tmp_path)
+    assert readme.read_text() == ("top\n<!-- begin results/a.md -->\nnew ![fig](results/results.png)\n"
+                                  "<!-- end results/a.md -->\nbottom\n")
