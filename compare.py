@@ -569,6 +569,9 @@ def run_cell(cell: Cell, env: dict) -> tuple:
         cmd = [sys.executable, *cell.flags, "--out", str(cell.dir)]
     fp_path = cell.dir / "fingerprint.json"
     launches = json.loads(fp_path.read_text()) if fp_path.is_file() and partial is not None else []
+    if partial is not None and not launches:     # started by an older compare.py: its code is that of its commit
+        commit = json.loads((partial / "config.json").read_text()).get("git_commit")
+        launches = [code_fingerprint(cell.flags[0], git_reader(commit)) if commit else {"unknown": "no commit"}]
     common._write_json(fp_path, [*launches, code_fingerprint(cell.flags[0])])
     log = cell.dir / "log.txt"
     t = time.time()
@@ -1191,6 +1194,11 @@ def plan(cells: list, store: Path, status: Status, sources: list, device: str) -
         state[cell] = status(cell)
         if state[cell] == "done":
             continue
+        partial, (fp, _) = cell.run_folder(complete=False), launch_fingerprint(cell)
+        if partial is not None and cell.run_folder() is None and fp is not None and not \
+                current(fingerprint_id(fp), status.fid(cell.flags[0]), status.equiv):
+            cell.dir.rename(cell.dir.with_name(cell.tag + time.strftime(".stale-%Y%m%d-%H%M%S")))   # not resumed
+            continue                                                                          # on other code
         for src in [cell, *(dataclasses.replace(cell, dir=d) for d in sources.get(" ".join(identity(cell.flags)), []))]:
             folder = src.run_folder()
             if folder is None:

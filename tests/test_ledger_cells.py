@@ -255,3 +255,12 @@ def test_paste_into_readme_replaces_only_the_blocks(tmp_path):
     compare.paste_into_readme(readme, tmp_path)
     assert readme.read_text() == ("top\n<!-- begin results/a.md -->\nnew ![fig](results/results.png)\n"
                                   "<!-- end results/a.md -->\nbottom\n")
+
+
+def test_an_interrupted_run_of_other_code_is_set_aside_not_resumed(tmp_path):
+    out = tmp_path / "out"
+    cell = one_cell(out)
+    folder = fake_run(cell.dir, cell, fp={"fedavg_cl.py": "yesterday"})
+    (folder / "summary.json").unlink()                                     # interrupted: a checkpoint, no summary
+    state = compare.plan([cell], out / "cells", compare.Status([out / "cells"]), {}, "CPU")
+    assert state[cell] == "missing" and not cell.dir.exists() and list(cell.dir.parent.glob(cell.tag + ".stale-*"))
