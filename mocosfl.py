@@ -62,9 +62,10 @@ as the paper counts it, the download is as large; smashed activations h_q and h_
 received), and the memory a client needs for one step (weights, gradient, SGD buffer, momentum model,
 the activations autograd keeps, and h_q, h_k, dL/dh_q), measured with saved-tensor hooks.
 
-torchrun: not distributed yet (issue #17; it refuses torchrun and runs as one process): the server batch is
-the whole pool's activations in one vectorised step, and its augmentation is one draw for the pool
-(the one method without per-client random streams); splitting it over processes is not built yet.
+Random numbers: each pool client draws its image order and its views' augmentation from its own stream,
+seeded by (seed, round, client) (run.client(c), as in every method), one augmentation call per client
+for the steps up to the next sync. torchrun: not distributed yet (it refuses torchrun and runs as one
+process): the server batch is the whole pool's activations in one vectorised step.
 
 Run:      python mocosfl.py --clients 1000 --partition classes --classes-per-client 2   (CPU, minutes)
           python mocosfl.py --clients 5                         (5 clients, 20 images each per step)
@@ -72,7 +73,8 @@ Run:      python mocosfl.py --clients 1000 --partition classes --classes-per-cli
                                                                  passes = 2000 rounds; for a GPU)
 Speed:    train_images_per_s(clients, images, device) below (for benchmark.py).
 Expected: the first command (60 rounds, 6 passes; 8 min on 2 shared, busy cores): kNN 0.752 vs
-0.737 for the random encoder, linear probe 0.834 vs 0.799; views/s nearly flat from 5 to 1000 clients.
+0.737 for the random encoder, linear probe 0.834 vs 0.799 (measured before the per-client streams, so
+another draw of the same run; not re-measured); views/s nearly flat from 5 to 1000 clients.
 Paper (linear probe, CIFAR-10, 1000 clients, non-IID, 200 passes; best test epoch of the best-kNN
 checkpoint, see above): 86.46 (MocoSFL-1), 84.75 (MocoSFL-3).
 """
@@ -259,14 +261,10 @@ def enqueue(st: dict, keys: torch.Tensor):
     st["meta"]["queue_ptr"] = (ptr + len(keys)) % len(queue)
 
 
-def pool_stream(clients: list, pool: list, length: int) -> torch.Tensor:
-    """P x length image indices: each pool client's own images in fresh random orders, repeated as needed."""
-    rows = []
-    for c in pool:
-        idx = clients[c]
-        orders = [idx[torch.randperm(len(idx), device=idx.device)] for _ in range(-(-length // len(idx)))]
-        rows.append(torch.cat(orders)[:length])
-    return torch.stack(rows)
+def client_order(idx: torch.Tensor, length: int) -> torch.Tensor:
+    """`length` of a client's image indices: its images in fresh random orders, repeated as needed."""
+    orders = [idx[torch.randperm(len(idx), device=idx.device)] for _ in range(-(-length // len(idx)))]
+    return torch.cat(orders)[:length]
 
 
 def client_step_bytes(client: nn.Module, x: torch.Tensor) -> int:
@@ -301,19 +299,24 @@ def init_state(args: Args, channels: int, device) -> dict:
                 meta=dict(queue_ptr=0, weights_bytes=0, smashed_bytes=0, grads_bytes=0))
 
 
-def run_round(st, run_clients, pool, steps, lr, args, two_views):
-    """One epoch of the pool: download, `steps` vectorised steps with syncs, write back; returns (loss, views)."""
+def run_round(st, pool, orders, steps, lr, args, views):
+    """One epoch of the pool: download, `steps` vectorised steps with syncs, write back; returns (loss, views).
+    orders: {c: client c's image indices for the round}; views(c, idx) -> client c's (x_q, x_k) of them."""
     B, P, ids = args.batch_size, len(pool), torch.tensor(pool, device=st["queue"].device)
     # the pool's online models (all equal to the last mean), momentum models and SGD buffers, stacked
     pool_st = {"w": {k: p.detach().expand(P, *p.shape).clone().requires_grad_()
                      for k, p in st["client"].named_parameters()},
                "w_m": {k: v[ids] for k, v in st["client_m"].items()},
                "buf": {k: v[ids] for k, v in st["client_buf"].items()}}
-    stream = pool_stream(run_clients, pool, steps * B)
     loss_sum, meta = torch.zeros((), device=ids.device), st["meta"]
     weight_bytes = common.state_bytes(st["client"]) * (2 if args.sync_momentum else 1)
     for t in range(steps):
-        x_q, x_k = (v.contiguous().view(P, B, *v.shape[1:]) for v in two_views(stream[:, t * B:(t + 1) * B].reshape(-1)))
+        if t % args.sync_every == 0:          # the views up to the next sync, one augmentation call per client
+            n = min(args.sync_every, steps - t) * B
+            block = [views(c, orders[c][t * B:t * B + n]) for c in pool]
+            block_q, block_k = (torch.stack([v[j] for v in block]) for j in (0, 1))   # P x n x C x H x W
+        now = slice(t % args.sync_every * B, (t % args.sync_every + 1) * B)
+        x_q, x_k = block_q[:, now].contiguous(), block_k[:, now].contiguous()
         loss_sum += train_step(st, pool_st, x_q, x_k, lr, args)
         if (t + 1) % args.sync_every == 0 or t == steps - 1:
             sync(pool_st["w"], pool_st["w_m"], args.sync_momentum)
@@ -346,6 +349,12 @@ def main():
     mib = lambda key: st["meta"][key] / args.clients / 2 ** 20    # mean over all clients
     first = run.data.train_x[run.clients[0][:args.batch_size]]
     step_mib = client_step_bytes(st["client"], run.augment(first)) / 2 ** 20
+
+    def views(c, idx):                                       # client c's two views of images idx, from its own stream
+        with run.client(c):
+            x = run.data.train_x[idx]
+            return run.augment(torch.cat([x, x])).chunk(2)
+
     print(f"client model: {sum(p.numel() for p in st['client'].parameters())} parameters; "
           f"client step memory {step_mib:.2f} MiB; pool {max(1, round(args.participation * args.clients))}, "
           f"batch {args.batch_size} per client, {args.rounds} rounds", flush=True)
@@ -354,8 +363,12 @@ def main():
         pool = run.sample_clients()
         size = int(run.sizes[pool].mean())
         steps = max(1, args.local_epochs * size // args.batch_size)
-        loss, views = run_round(st, run.clients, pool, steps, lr, args, run.two_views)
-        run.log(rnd, loss=loss, images=views, encoder=encoder, pool=len(pool), steps=steps, lr=lr,
+        orders = {}
+        for c in pool:
+            with run.client(c):                                   # c's own random stream: (seed, round, c)
+                orders[c] = client_order(run.clients[c], steps * args.batch_size)
+        loss, images = run_round(st, pool, orders, steps, lr, args, views)
+        run.log(rnd, loss=loss, images=images, encoder=encoder, pool=len(pool), steps=steps, lr=lr,
                 comm_weights_mib=mib("weights_bytes"), comm_smashed_mib=mib("smashed_bytes"),
                 comm_grads_mib=mib("grads_bytes"))
     run.finish(encoder, client_params=sum(p.numel() for p in st["client"].parameters()), client_step_mib=step_mib,
@@ -378,15 +391,16 @@ def train_images_per_s(clients: int, images: int, device="cpu", **flags) -> floa
     st = init_state(args, 1, device)
     pool = list(range(max(1, round(args.participation * clients))))
     steps = max(1, images // (len(pool) * args.batch_size))
-    two_views = lambda idx: (augment(x[idx]), augment(x[idx]))
-    run_round(st, run_clients, pool, 1, args.lr, args, two_views)                # warm-up
+    views = lambda c, idx: augment(torch.cat([x[idx], x[idx]])).chunk(2)
+    orders = lambda n: {c: client_order(run_clients[c], n * args.batch_size) for c in pool}
+    run_round(st, pool, orders(1), 1, args.lr, args, views)                    # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    _, views = run_round(st, run_clients, pool, steps, args.lr, args, two_views)
+    _, images = run_round(st, pool, orders(steps), steps, args.lr, args, views)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return views / (time.perf_counter() - t)
+    return images / (time.perf_counter() - t)
 
 
 if __name__ == "__main__":

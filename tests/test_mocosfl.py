@@ -91,6 +91,12 @@ class Reference:
         return loss.detach()
 
 
+def run_round(st, clients, pool, steps, args, views, lr=0.05):
+    """mocosfl.run_round with the pool's image orders from the current stream; views(idx) -> (x_q, x_k)."""
+    orders = {c: mocosfl.client_order(clients[c], steps * args.batch_size) for c in pool}
+    return mocosfl.run_round(st, pool, orders, steps, lr, args, lambda c, idx: views(idx))
+
+
 def setup(P=3, B=2, seed=0, **kw):
     torch.manual_seed(seed)
     args = make(clients=P, batch_size=B, queue_size=16, proj_dim=8, **kw)
@@ -214,7 +220,7 @@ def test_round_writes_back_only_the_pool(with_momentum):
     x = torch.randn(60, 1, 12, 12)
     clients = list(torch.arange(60).chunk(6))
     pool = [1, 3, 4]
-    mocosfl.run_round(st, clients, pool, 3, 0.05, args, lambda i: (x[i] + 0.1, x[i] - 0.1))
+    run_round(st, clients, pool, 3, args, lambda i: (x[i] + 0.1, x[i] - 0.1))
     w = st["client_m"]["0.0.weight"]
     if with_momentum:
         assert all(torch.allclose(w[i], w[0], atol=1e-7) for i in range(6))
@@ -278,12 +284,12 @@ def test_rounds_write_back_the_mean_and_carry_momentum_models_and_buffers():
     mocosfl.sync, mocosfl.train_step = spy_sync, spy_step
     try:
         w0 = {k: p.detach().clone() for k, p in st["client"].named_parameters()}
-        mocosfl.run_round(st, clients, [1, 3, 4], 3, 0.05, args, views)
+        run_round(st, clients, [1, 3, 4], 3, args, views)
         after = {k: p.detach().clone() for k, p in st["client"].named_parameters()}
         m1 = {k: v.clone() for k, v in st["client_m"].items()}
         b1 = {k: v.clone() for k, v in st["client_buf"].items()}
         entry.clear()
-        mocosfl.run_round(st, clients, [3, 5], 1, 0.05, args, views)
+        run_round(st, clients, [3, 5], 1, args, views)
     finally:
         mocosfl.sync, mocosfl.train_step = real_sync, real_step
     assert len(synced) == 3                                   # after steps 2 and 3 of round 1, step 1 of round 2
@@ -355,3 +361,33 @@ def test_end_to_end_1000_clients(out):
 def test_bad_flags_exit_2(out, flag, value, needle):
     proc, _ = run_script("mocosfl.py", *TINY, flag, value, out=out)
     assert_bad_input(proc, out, needle)
+
+
+def test_each_pool_client_draws_from_its_own_stream(out, monkeypatch):
+    """main: client c's image order and the augmentation of its views in round r come from the stream seeded
+    by (seed, r, c), in that order, whichever clients are in the pool with it."""
+    from conftest import SMALL, run_in_process
+    seen = {}
+
+    def spy(st, pool, orders, steps, lr, args, views):
+        seen[len(seen) + 1] = (pool, orders, [views(c, orders[c][:5]) for c in pool])   # the round's first draws
+        return real(st, pool, orders, steps, lr, args, views)
+    real = mocosfl.run_round
+    monkeypatch.setattr(mocosfl, "run_round", spy)
+    run_in_process(mocosfl, *SMALL, "--clients", "6", "--participation", "0.5", "--batch-size", "8", "--seed", "4",
+                   out=out, monkeypatch=monkeypatch)
+    args = make(clients=6, train_size=200, test_size=100, seed=4)
+    data, _ = common.load_data(args, torch.device("cpu"))
+    parts = common.partition(data.train_y.numpy(), args, log=lambda m: None)      # run.clients
+    aug = common.Augment(data)
+    assert seen[1][0] != seen[2][0]                                       # two rounds, two pools of 3
+    for rnd, (pool, orders, views) in seen.items():
+        assert len(pool) == 3 and sorted(orders) == pool
+        for c, (x_q, x_k) in zip(pool, views):
+            with torch.random.fork_rng():
+                torch.manual_seed(common.client_seed(4, rnd, c))
+                order = mocosfl.client_order(torch.as_tensor(parts[c]), len(orders[c]))
+                x = data.train_x[order[:5]]
+                want = aug(torch.cat([x, x]))
+            assert torch.equal(orders[c], order), (rnd, c)
+            assert torch.equal(torch.cat([x_q, x_k]), want), (rnd, c)
