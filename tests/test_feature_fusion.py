@@ -502,3 +502,19 @@ def test_round_loop_downloads_aggregates_and_keeps_each_clients_queue(mod, monke
     assert metrics[0]["remote_mass"] == 0 < metrics[1]["remote_mass"] < 1
     for m in metrics:
         assert 0 <= m["pos_beats_queue"] <= 1 and 0 <= m["pos_beats_batch"] <= 1
+
+
+@pytest.mark.parametrize("mod", [ff, nm])
+def test_with_partial_participation_the_bank_holds_only_last_rounds_participants(mod, monkeypatch, tmp_path):
+    """--participation 0.5: a client's remote features in round r are exactly the uploads of round r - 1's
+    OTHER participants; a client that uploaded in round r - 2 but sat out round r - 1 is no longer in the bank."""
+    rec = record_rounds(mod, monkeypatch, tmp_path, "--clients", "4", "--participation", "0.5", "--rounds", "3")
+    run, calls, ups = rec["run"], rec["calls"], rec["uploads"]
+    who = [next(c for c, idx in enumerate(run.clients) if torch.equal(idx, call["idx"])) for call in calls]
+    rounds = [who[0:2], who[2:4], who[4:6]]                          # 2 of 4 clients a round, in id order
+    assert len(calls) == 6 and set(rounds[0]) - set(rounds[1])       # someone uploaded in round 1, not in 2
+    for r in (1, 2):
+        for i, c in enumerate(rounds[r]):
+            others = [ups[2 * (r - 1) + k]["z"] for k, j in enumerate(rounds[r - 1]) if j != c]
+            want = torch.cat(others) if others else torch.zeros(0, 16)
+            torch.testing.assert_close(calls[2 * r + i]["remote"], want)
