@@ -302,6 +302,27 @@ def test_rounds_write_back_the_mean_and_carry_momentum_models_and_buffers():
         assert b1[k][3].abs().sum() > 0 and not torch.equal(m1[k][3], m1[k][5])
 
 
+def test_each_pool_row_trains_on_its_own_clients_images(monkeypatch):
+    """Row i of the pool's step input holds only images of client pool[i], and over the round it sees every
+    one of them (a client with fewer images than the round needs wraps around in a fresh order)."""
+    torch.manual_seed(0)
+    args = make(clients=6, batch_size=4, queue_size=32, proj_dim=8)
+    st = mocosfl.init_state(args, 1, torch.device("cpu"))
+    x = torch.arange(60.0).view(60, 1, 1, 1).expand(60, 1, 12, 12)      # every pixel of image j is j
+    clients = [torch.arange(60)[i::6] for i in range(6)]                 # interleaved: client i holds i, i+6, ...
+    pool, seen = [4, 1, 3], []
+    real = mocosfl.train_step
+
+    def spy(st_, pool_st, x_q, *a):
+        seen.append(x_q[:, :, 0, 0, 0].long())                           # P x B image ids of this step
+        return real(st_, pool_st, x_q, *a)
+    monkeypatch.setattr(mocosfl, "train_step", spy)
+    run_round(st, clients, pool, 3, args, lambda i: (x[i], x[i]))        # 3 steps x 4 = 12 > 10 images each
+    rows = torch.cat(seen, dim=1)
+    for r, c in enumerate(pool):
+        assert set(rows[r].tolist()) == set(clients[c].tolist()), (r, c)
+
+
 def test_client_step_memory_counts_activations_per_image():
     client, _ = mocosfl.split_network(make(), 1)
     one, two, three = (mocosfl.client_step_bytes(client, torch.randn(b, 1, 28, 28)) for b in (1, 2, 3))
