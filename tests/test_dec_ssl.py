@@ -431,22 +431,50 @@ def test_byol_target_at_download_and_unweighted_server_mean(target, monkeypatch,
 
 
 def test_alignment_term_enters_the_loss_with_weight_lambda():
-    """local_update's first-step loss = L_SSL + lam * align(anchors, z1, z2), computed on the same views."""
+    """local_update's first-step loss = L_SSL + lam * align(anchors[b], z1, z2), computed on the same views;
+    the anchors are indexed by image id, and the batch is a shuffled subset of the images, so only the
+    anchors of the batch's own images, in the batch's order, give this value."""
     torch.manual_seed(10)
-    x = torch.randn(16, 1, 28, 28)
-    run = SimpleNamespace(device=torch.device("cpu"), batches=lambda idx: [idx],
+    x = torch.randn(32, 1, 28, 28)
+    idx = torch.arange(1, 32, 2)                                           # the client's images: the odd ids
+    b = idx[torch.randperm(16)]
+    run = SimpleNamespace(device=torch.device("cpu"), batches=lambda idx: [b],
                           two_views=lambda b: (x[b] + 0.1, x[b].flip(-1)))
     args = dec_ssl.Args(hidden_dim=8, lam=0.5, local_epochs=1)
     model = dec_ssl.SSLModel(args, common.SmallCNN(1, width=8))
-    anchors = F.normalize(torch.randn(16, model.out_dim), dim=1)
+    anchors = F.normalize(torch.randn(32, model.out_dim), dim=1)           # one row per image id
     ref = copy.deepcopy(model)
-    idx = torch.arange(16)
-    v1, v2 = run.two_views(idx)
+    v1, v2 = run.two_views(b)
     l_ssl, z1, z2, _ = dec_ssl.ssl_step(ref, v1, v2, args, None)
-    want = l_ssl + 0.5 * dec_ssl.featarc_align(anchors, z1, z2)
+    want = l_ssl + 0.5 * dec_ssl.featarc_align(anchors[b], z1, z2)
     loss, _ = dec_ssl.local_update(model, run, idx, args, 1e-3, anchors)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    assert abs(dec_ssl.featarc_align(anchors, z1, z2).item()) > 1e-3       # the term is not negligible
+    assert abs(dec_ssl.featarc_align(anchors[b], z1, z2).item()) > 1e-3   # the term is not negligible
+    for other in (anchors[idx], anchors[:16], anchors[b.sort().values]):  # other rows give another loss
+        assert abs((l_ssl + 0.5 * dec_ssl.featarc_align(other, z1, z2)).item() - loss.item()) > 1e-4
+
+
+@pytest.mark.parametrize("ssl", ["byol", "moco"])
+def test_target_follows_the_online_network_by_ema_after_each_step(ssl):
+    """After one local step: target params = m * target params before + (1 - m) * online params after the
+    step (xi <- m xi + (1 - m) theta), target BN statistics = the online ones."""
+    torch.manual_seed(14)
+    x = torch.randn(16, 1, 28, 28)
+    run = SimpleNamespace(device=torch.device("cpu"), batches=lambda idx: [idx],
+                          two_views=lambda b: (x[b] + 0.1, x[b].flip(-1)))
+    args = dec_ssl.Args(ssl=ssl, hidden_dim=8, local_epochs=1, ema=0.9)
+    model = dec_ssl.SSLModel(args, common.SmallCNN(1, width=8))
+    with torch.no_grad():                                                  # a target unlike the online net
+        for p in model.target.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    t0 = copy.deepcopy(model.target)
+    dec_ssl.local_update(model, run, torch.arange(16), args, 1e-2)
+    online = nn.Sequential(model.encoder, model.projector)
+    for (k, t), p0, p in zip(model.target.named_parameters(), t0.parameters(), online.parameters()):
+        assert torch.allclose(t, 0.9 * p0 + 0.1 * p, atol=1e-6), k
+        assert not torch.allclose(t, p0, atol=1e-5), k                     # it moved
+    for t, o in zip(model.target.buffers(), online.buffers()):
+        assert torch.equal(t, o)
 
 
 def test_moco_with_an_empty_queue_takes_the_other_images_keys_as_negatives():
@@ -504,6 +532,57 @@ def test_moco_first_step_of_a_round_moves_the_encoder_by_its_gradient():
     dec_ssl.local_update(model, run, torch.arange(16), args, 1e-3)
     moved = [k for k, v in model.encoder.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert "net.0.weight" in moved
+
+
+def _record_round_loop(monkeypatch, tmp_path, *flags):
+    """main() in this process; per local_update call: the images, the model at entry and at upload, and
+    the lr of every optimizer step it took."""
+    calls, real_update, real_step = [], dec_ssl.local_update, torch.optim.Adam.step
+    state = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    def update(model, run, idx, args, lr, anchors=None, opt=None):
+        call = dict(idx=idx.clone(), clients=run.clients, y=run.data.train_y, entry=state(model), lrs=[])
+        calls.append(call)
+        out = real_update(model, run, idx, args, lr, anchors, opt)
+        call["upload"] = state(model)
+        return out
+
+    def step(self, *a, **kw):
+        if calls and "upload" not in calls[-1]:                           # inside a local update
+            calls[-1]["lrs"].append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **kw)
+    monkeypatch.setattr(dec_ssl, "local_update", update)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    folder = run_in_process(dec_ssl, *SMALL, "--clients", "2", "--partition", "dirichlet", "--alpha", "0.3",
+                            "--hidden-dim", "16", *flags, out=tmp_path / "runs", monkeypatch=monkeypatch)
+    sizes = [c["size"] for c in json.loads((folder / "partition.json").read_text())["clients"]]
+    return calls, sizes
+
+
+def test_every_client_step_uses_the_rounds_server_lr(monkeypatch, tmp_path):
+    """The server's schedule reaches the clients' optimizers: round 2's steps run at server_lr(args, 2)."""
+    calls, _ = _record_round_loop(monkeypatch, tmp_path)
+    args = dec_ssl.Args(rounds=2)
+    assert len(calls) == 4 and all(c["lrs"] for c in calls)
+    for i, c in enumerate(calls):
+        assert c["lrs"] == pytest.approx([dec_ssl.server_lr(args, 1 + i // 2)] * len(c["lrs"]))
+    assert dec_ssl.server_lr(args, 2) == pytest.approx(3e-4)
+
+
+def test_weighted_and_first80_reach_the_round_loop(monkeypatch, tmp_path):
+    """--first80 true: each client trains on client_indices' label-ordered first 80 %; --weighted true:
+    round 2 downloads the mean of round 1's uploads weighted by the clients' image counts."""
+    calls, sizes = _record_round_loop(monkeypatch, tmp_path, "--first80", "true", "--weighted", "true")
+    assert len(calls) == 4 and sizes[0] != sizes[1]
+    for i, c in enumerate(calls):
+        full, y = c["clients"][i % 2], c["y"]
+        want = full[torch.argsort(y[full], stable=True)][: int(0.8 * len(full))]
+        assert torch.equal(c["idx"], want) and len(want) < len(full)
+    for k, v in calls[2]["entry"].items():
+        if v.is_floating_point():
+            want = (sizes[0] * calls[0]["upload"][k] + sizes[1] * calls[1]["upload"][k]) / sum(sizes)
+            assert torch.allclose(v, want, atol=1e-6), k
+            assert torch.equal(v, calls[3]["entry"][k])
 
 
 def test_first80_is_off_by_default():
