@@ -137,6 +137,42 @@ def test_linear_probe_separable_features_and_seeded():
     assert acc == common.linear_probe(f[:200], y[:200], f[200:], y[200:], 3, epochs=20, seed=0, batch=32)
 
 
+def linear_probe_loop(train_f, train_y, test_f, test_y, num_classes, epochs, seed, batch, lr):
+    """The probe's recipe written out, with the test accuracy after EVERY epoch."""
+    mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+    gen = torch.Generator().manual_seed(seed)
+    head = nn.Linear(train_f.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head.reset_parameters()
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-6)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(len(train_f) / batch))
+    accs = []
+    for _ in range(epochs):
+        order = torch.randperm(len(train_f), generator=gen)
+        for i in range(0, len(order), batch):
+            b = order[i:i + batch]
+            loss = F.cross_entropy(head(train_f[b]), train_y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            accs.append((head(test_f).argmax(1) == test_y).float().mean().item())
+    return accs
+
+
+def test_linear_probe_reports_the_last_epoch_not_the_best():
+    """Noisy features: the test accuracy peaks at epoch 4 and ends lower; the probe reports the end."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (160,), generator=g)
+    f = F.one_hot(y, 3).float() + 1.5 * torch.randn(160, 3, generator=g)
+    accs = linear_probe_loop(f[:60], y[:60], f[60:], y[60:], 3, epochs=8, seed=0, batch=16, lr=0.1)
+    got = common.linear_probe(f[:60], y[:60], f[60:], y[60:], 3, epochs=8, seed=0, batch=16, lr=0.1)
+    assert got == accs[-1] < max(accs)
+
+
 def test_few_label_subset_is_class_balanced_seeded_and_takes_all_of_a_small_class():
     labels = np.repeat(np.arange(10), [173] * 9 + [13])         # 1570 images; class 9 holds only 13
     for fraction, per_class in ((0.01, 2), (0.10, 16)):         # round(1.57) = 2, round(15.7) = 16 per class
@@ -166,6 +202,27 @@ def test_evaluate_matches_brute_force_knn_on_the_few_label_subsets(tmp_path):
         assert got["knn_acc" + suffix] == pytest.approx(np.mean(np.array(ref) == ty.numpy())), suffix
         assert got["linear_acc" + suffix] == common.linear_probe(tr[ids], y[ids], te, ty, 10, 3, seed=5), suffix
     assert run.monitor(enc) == {"knn_acc": got["knn_acc"], "knn_acc_1pct": got["knn_acc_1pct"]}
+
+
+def test_client_sampling_is_drawn_per_round_and_reproducible(tmp_path):
+    """participation 0.3 of 10 clients: 3 distinct clients sorted by id, another draw in every round (over 8
+    rounds not all the same), the same draw again for the same round (resume, every torchrun process)."""
+    args = common.RunArgs(train_size=100, test_size=20, clients=10, partition="iid", participation=0.3, seed=3,
+                          device="cpu", out=str(tmp_path))
+    run = common.Run(args, "test")
+    picks = {}
+    for rnd in range(1, 9):
+        run.round = rnd
+        picks[rnd] = run.sample_clients()
+        assert len(picks[rnd]) == 3 and picks[rnd] == sorted(set(picks[rnd])) and max(picks[rnd]) < 10
+    assert len({tuple(p) for p in picks.values()}) > 4                  # C(10, 3) = 120 possible draws
+    run.round = 5
+    assert run.sample_clients() == picks[5]
+    run.args.seed, other = 4, []
+    for rnd in range(1, 9):
+        run.round = rnd
+        other.append(run.sample_clients())
+    assert other != list(picks.values())                                # another seed, other draws
 
 
 # --- partitions ------------------------------------------------------------------------------
