@@ -8,15 +8,17 @@ as the Dirichlet alpha shrinks), is on par with centralized SSL, and FeatARC hel
 What is what. [paper] FedAvg on an SSL loss; FeatARC = feature alignment + clustering.
 [code] Every round each sampled client starts from the global weights and trains E epochs with a FRESH
 optimizer (Adam 1e-3, wd 1e-6 for SimCLR; the code's SimSiam runs use SGD 0.03, momentum 0.9, wd 5e-4, see
-Run; our default is Adam for every objective, one recipe for the comparison); the server takes the UNWEIGHTED mean of the whole state dict (BN statistics
-included; `--weighted true` for sample-count FedAvg); server lr x0.3 at 30/60/90% of the rounds. SimCLR:
-projector d -> 512 BN ReLU -> d, NT-Xent tau 0.5. SimSiam: 3-layer projector, 2-layer predictor, negative
+Run; our default is Adam for every objective, one recipe for the comparison); the server takes the
+UNWEIGHTED mean of the whole state dict (BN statistics included; `--weighted true` for sample-count
+FedAvg); server lr x0.3 at 30/60/90% of the rounds. SimCLR: projector d -> 512 BN ReLU -> 512
+(src/models.py 61; d = 512 on its ResNet-18), NT-Xent tau 0.5 ([reconstruction] ours ends in d, --proj-dim
+0: the code's on ResNet-18, and FeatARC needs it). SimSiam: 3-layer projector, 2-layer predictor, negative
 cosine with stop-gradient ([reconstruction] our projector's hidden width is --hidden-dim = 512, the code's
-2048; its predictor's 512 matches). FeatARC: C cluster models initialised independently, client k starts in cluster
-k mod C; before local training a client is assigned to the cluster whose backbone features of its clean
-images align best (mean cosine) with those of its last local model; loss L = L_SSL - lam * align; each
-cluster averages the models of its clients. Preset `paper` = the code's Dirichlet sweep (CIFAR-10,
-ResNet-18, 5 clients, 500 epochs = 10 rounds x 50 local epochs, batch 256, Adam 1e-3).
+2048; its predictor's 512 matches). FeatARC: C cluster models initialised independently, client k starts
+in cluster k mod C; before local training a client is assigned to the cluster whose backbone features of
+its clean images align best (mean cosine) with those of its last local model; loss L = L_SSL - lam *
+align; each cluster averages the models of its clients. Preset `paper` = the code's Dirichlet sweep
+(CIFAR-10, ResNet-18, 5 clients, 500 epochs = 10 rounds x 50 local epochs, batch 256, Adam 1e-3).
 [reconstruction] BYOL (EMA target, predictor, 2-2cos) and MoCo v2 (EMA key encoder, queue, InfoNCE tau 0.2,
 symmetrised over the views, no shuffled BN) for the paper's "range of" SSL methods, with our hidden sizes.
 Their target network is averaged like the online network (`--target average`) or reset to the new global
@@ -33,21 +35,27 @@ Defects of the released code, fixed here (and named so a reader can compare):
    f in {.3,.6,.9} with (r-1)/R >= f: the code's milestones rounded UP instead of down. This equals
    MultiStepLR when R is a multiple of 10 and differs for every other R (R=15: decays after rounds 5, 9,
    14 instead of 4, 9, 13), not only below 4 rounds. (A second MultiStepLR inside each client update,
-   with milestones from E x epochs, fires within the client's E epochs and compounds with the server's
-   when E <= 3; we apply only the server's.)
+   src/update.py 295-302, has milestones int(f x E x epochs), f in {.3,.6,.9}, where --epochs is the run's
+   E x R local epochs, and is stepped with the run's local-epoch count E x round + epoch (update.py 322,
+   410): as fractions of the run it fires at 0.3E, 0.6E, 0.9E, i.e. at 30/60/90 % for E = 1 (compounding
+   with the server's decay at the same rounds), once at 60 % for E = 2, once at 90 % for E = 3, never for
+   E >= 4 (the paper's 50). We apply only the server's.)
 2. FeatARC aggregation appends uploads in sampling order but indexes them by client id, and includes
    assigned clients that were not sampled: clusters average the wrong models (or fail). We key by client id.
 3. Each client trains on only the first 80% of its (label-ordered) index list, which makes label skew more
    extreme; `--first80 true` reproduces it, the default uses all of a client's images. It is the code's
    exact subset only for the Dirichlet partition (the code's iid split is a Python set and its skew split
    orders indices differently, so their "first 80%" are other images).
-FeatARC's assignment, once defect 2 is fixed, reinforces itself: a client compares its last local model
-(trained from its cluster's model) with every cluster model, and its own cluster is the average of that
-very model and its siblings', while the other cluster was initialised independently and trained on other
-clients; its own cluster always aligns better, so assignments stay at k mod C and FeatARC becomes C
-separate FedAvg runs on a fixed split (tests: test_featarc_rule_*). In the released code assignments
-move only BECAUSE of the indexing defect (clusters average the wrong clients' models), and then the two
-cluster models merge: their feature similarity goes 0.86 -> 0.997 in four rounds.
+FeatARC's assignment, once defect 2 is fixed, tends to reinforce itself: a client compares its last local
+model (trained from its cluster's model) with every cluster model, and its own cluster is the average of
+that very model and its siblings', while the other cluster was initialised independently and trained on
+other clients. In that construction its own cluster aligns better (test_featarc_rule_keeps_*), but the rule
+still moves a client whose last model is closer to the other cluster (test_featarc_rule_moves_*), and the
+paper's setting (ResNet-18, 50 local epochs) was never tried here. In our CPU runs assignments stayed at
+k mod C, so FeatARC was C separate FedAvg runs on a fixed split. In one tiny CPU emulation of the released
+aggregation (ours, not a run of the released code) assignments moved only because of the indexing defect
+(clusters average the wrong clients' models), and the two cluster models then merged: their feature
+similarity went 0.86 -> 0.997 in four rounds.
 Cost: the rule needs the clean features of the client's images under its last local model and under
 every cluster model, C + 1 eval passes per round, run as ONE pass over the images (normalised once, each
 chunk of 128 through all C + 1 models: the same choice as separate passes, test); the loss needs the
@@ -80,8 +88,8 @@ Sweep (the paper's claims; one run at a time; every run has the same schedule, F
   python dec_ssl.py --clients 1 --partition iid $S                      (centralized, same image passes)
 Expected (that sweep, seed 0, 2 CPU cores, ~2-3 min a run): kNN 0.63-0.66 for every alpha and objective
 vs 0.563 for the random encoder, centralized 0.683; FeatARC within +-0.01 of plain SimCLR and its
-assignments never left k mod C (as explained above, they cannot once the defect is fixed). The linear probe (0.78-0.79) does not separate anything from the random
-encoder's 0.785 at this size: read the kNN column.
+assignments never left k mod C (see above: the fixed rule tends to keep them there). The linear probe
+(0.78-0.79) does not separate anything from the random encoder's 0.785 at this size: read the kNN column.
 """
 import copy
 from dataclasses import dataclass
@@ -170,7 +178,7 @@ class Args(common.RunArgs):
 # --- the objectives: z = g(f(x)) projector outputs, p = h(z) predictor outputs, t = target outputs -------
 
 def simsiam_loss(p1, p2, z1, z2):
-    """SimSiam Eq. 2: L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2, D(p, z) = -cos(p, z); sg = stop-gradient."""
+    """SimSiam Eq. 4: L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2, D(p, z) = -cos(p, z); sg = stop-gradient."""
     return -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2
 
 
