@@ -10,7 +10,8 @@ the abstract, introduction and overview figure of the paper could be read, so mu
            AND features of its local data, (2) the server aggregates the models, (3) every client
            downloads the aggregated model and the other clients' features ("remote features"),
            (4) local learning that uses the remote features as extra negatives ("feature fusion").
-  [readers' summaries of the paper]  the local learner is MoCo-style (momentum encoder + queue).
+  [reconstruction]  the local learner is MoCo-style (momentum encoder + queue); the parts of the paper
+           we could read do not name it.
   [code]  symmetric loss, as the federated MoCo code of FedU/FedEMA (EasyFL) and MocoSFL does: both
            views serve as query against the other view's key and both keys enter the queue; they
            sum the two terms, we average them so the loss reads on the asymmetric loss's scale

@@ -12,7 +12,8 @@ the abstract, introduction and overview figure of the paper could be read, so mu
            (4) local learning that uses the remote features as extra negatives ("feature fusion")
            and aligns each client's local features to the remote features so that the features
            of all clients cluster well in one shared space ("neighborhood matching").
-  [readers' summaries of the paper]  the local learner is MoCo-style (momentum encoder + queue).
+  [reconstruction]  the local learner is MoCo-style (momentum encoder + queue); the parts of the paper
+           we could read do not name it.
   [code]  symmetric loss, as the federated MoCo code of FedU/FedEMA (EasyFL) and MocoSFL does: both
            views serve as query against the other view's key and both keys enter the queue; they
            sum the two terms, we average them so the loss reads on the asymmetric loss's scale
@@ -40,8 +41,9 @@ the abstract, introduction and overview figure of the paper could be read, so mu
              L_NM = -(1/B) sum_i sum_j p_ij log p_ij with p_ij = softmax_j(q_i . n_j / tau_nm);
              minimising it makes every local feature commit to a few nearby features of N.
            fcl [reconstruction, lineage]: the authors' predecessor FCL (Wu et al., MICCAI 2021) uses
-             remote features of the same neighbourhood as POSITIVES in an InfoNCE; here the top-k
-             (--nm-topk) neighbours P_i of the key k_i in N are positives of q_i:
+             remote features of the same PARTITION (slices from the same position of other clients'
+             volumes) as POSITIVES in an InfoNCE; natural images have no partitions, so our substitute
+             takes the top-k (--nm-topk) neighbours P_i of the key k_i in N as positives of q_i:
              L_NM = -(1/B) sum_i (1/k) sum_{p in P_i} log( e^{q_i.p/tau} / (e^{q_i.k_i/tau} + sum_{n in N} e^{q_i.n/tau}) ).
            L = L_FF + lambda L_NM, lambda = 0.1, tau_nm = 0.05, NM off for the first 10% of rounds
            (early features are near random). Default form: entropy, chosen on the holdout
