@@ -27,7 +27,7 @@ cut 1 = MocoSFL-1 (1,856 client parameters), cut 2 = MocoSFL-3 (75,840: stem + f
 head Linear(512,1024) ReLU Linear(1024,1024), queue 6000, tau 0.1, m 0.99, SGD 0.06 cosine, wd 5e-4.
 [reconstruction] The CPU default is the small CNN (3 conv blocks = 3 units) with a 128-wide head.
 Where we differ from the code, and why:
-  - steps per round = local_epochs x (mean pool-client size // B), each client drawing from its own fresh
+  - steps per round = (local_epochs x mean pool-client size) // B, each client drawing from its own fresh
     shuffled stream (wrapping around if it holds fewer images); the code runs len(client 0's loader)
     steps (last partial batch included) for every client.
   - sync points: every `--sync-every` steps (default 50) and at the end of the round. The code syncs
@@ -35,8 +35,12 @@ Where we differ from the code, and why:
     CIFAR-10 settings (10 syncs/epoch at 5 and 100 clients, 5 at 200, 1 at 1000), but every 10 steps on
     our default 5-client Fashion-MNIST run (100 steps/epoch); `--sync-every 10` reproduces that there.
   - learning rate: one cosine value per round, cosine_lr(), for server AND clients. The code steps the
-    server's cosine scheduler once per epoch but each CLIENT's once per client step, so the client lr
-    sweeps between 0.06 and 0 many times per epoch; we read that as a defect and do not copy it.
+    server's cosine scheduler once per epoch, but each CLIENT's, CosineAnnealingLR(T_max = epochs)
+    (functions/sflmoco_functions.py 51), once per client step (functions/sfl_functions.py 138), so the
+    client lr runs 0.06 -> 0 -> 0.06 every 2 x epochs client steps: 400 at 200 epochs, about 1.25 of
+    those cycles per epoch at 5 or 100 clients (500 steps each), and about 2.5 over a whole 1000-client
+    run (2000 epochs; a client takes 50 steps in each of the ~200 it is sampled for); we read that as a
+    defect and do not copy it.
   - averaging: the real mean of the pool. The code's average_weights starts its sum from client 0's
     model, not the first pool client's, so under sampling it drops the first pool model and counts
     client 0's (pool [3, 1, 4] with models worth 3, 1, 4 and client 0's worth 0: (0 + 1 + 4) / 3 = 1.667
@@ -44,8 +48,10 @@ Where we differ from the code, and why:
   - the projection head keeps PyTorch's default initialisation (the code: xavier).
 Paper numbers: 86.46 / 84.75 (1000 clients, non-IID CIFAR-10) are the code's protocol: the checkpoint
 with the best test kNN, then the best test epoch of the linear probe, with Gaussian blur and crop scale
-0.08 in the augmentation; ours is the last probe epoch of the final model (common-protocol.md), so
-expected to be lower. The abstract's ">84 %" is MocoSFL-3, i.e. `--cut-layer 2` with `--preset paper`.
+0.08 in the augmentation (RandomResizedCrop(32)'s default, datasets.py 213; `--preset paper` keeps our
+0.2, add --crop-min 0.08 for the code's); ours is the last probe epoch of the final model
+(common-protocol.md), so expected to be lower. The abstract's ">84 %" is MocoSFL-3, i.e. `--cut-layer 2`
+with `--preset paper`.
 Out of scope: TAResSFL (the paper's privacy extension: a frozen, inversion-resistant client model with
 a bottleneck) and the model-inversion attack.
 
