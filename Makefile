@@ -21,7 +21,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest tests -q
 
 compare: $(BIN)/.installed
-	$(BIN)/python compare.py
+	$(BIN)/python compare.py --quick
 
 benchmark: $(BIN)/.installed
 	$(BIN)/python benchmark.py

@@ -55,7 +55,9 @@ Run:      python compare.py --dry-run       what is done, stale and missing, per
           python compare.py                 the ledger: runs only the missing cells (one CPU run at a time; on 2
                                             cores `--jobs 2`), then writes results/; bash gpu_ledger.sh on a GPU
           python compare.py --setting decssl            one setting
-          python compare.py --quick         (one seed, tiny budget: checks the pipeline, not the methods)
+          python compare.py --quick         (one seed, 2 classes per client, tiny budget: checks the pipeline,
+                                            not the methods; a few minutes on 2 cores)
+          python compare.py --plot RUN,RUN  overlay run folders' curves in runs/overlay.png
           python compare.py --methods fedavg_cl,mocosfl --partitions classes --seeds 0
           python compare.py --report        the tables and the ledger from what is committed, running nothing
           python compare.py --restamp       keep stale cells whose code change is proven not to change numbers
@@ -172,6 +174,11 @@ class Args:
     report: bool = False
     """write the tables and the ledger from the cells already there (committed, or finished in OUT/runs and --collect
     folders), run nothing"""
+    yes: bool = False
+    """start a job estimated at more than an hour (without it such a job only prints its estimate)"""
+    plot: str = ""
+    """comma-separated run folders: overlay their curves (kNN, 1 %-label kNN, loss; each own untrained network
+    dashed) in one figure, OUT/overlay.png (default runs/overlay.png), and run nothing else"""
     readme: bool = False
     """also paste the new results.md and claims.md into README.md's generated blocks (the committed setting only)"""
     restamp: bool = False
@@ -219,8 +226,8 @@ class Args:
     """where results.md/.png/.json and claims.md go (run folders: OUT/runs/); empty = results/ for the default
     setting (the committed table), runs/compare-quick/ for --quick, runs/compare-<hash>/ for any other"""
 
-    QUICK: ClassVar[dict] = dict(seeds="0", clients=5, rounds=2, train_size=1000, test_size=500, batch_size=32,
-                                 eval_every=1, probe_epochs=5)
+    QUICK: ClassVar[dict] = dict(seeds="0", partitions="classes", clients=5, rounds=2, train_size=1000,
+                                 test_size=500, batch_size=32, eval_every=1, probe_epochs=5)
     SWITCH_PRESETS: ClassVar[dict] = {"quick": QUICK}
 
     def check(self):
@@ -705,7 +712,7 @@ def device_name(device: str) -> str:
     return f"CPU {model} ({os.cpu_count()} cores)"
 
 
-NEUTRAL = ("out", "jobs", "device", "dry_run", "report", "restamp", "collect", "readme")   # flags that change no number
+NEUTRAL = ("out", "jobs", "device", "dry_run", "report", "restamp", "collect", "readme", "yes", "plot")   # flags that change no number
 SELECTION = ("seeds", "methods", "partitions", "setting")                         # flags that choose cells
 
 
@@ -1227,18 +1234,28 @@ def source_index(sources: list) -> dict:
     return index
 
 
-def estimate(todo: list, stores: list, jobs: int) -> str:
-    """How long `todo` takes, from the committed cells' wall-clock (same row, else all rows'), `jobs` at a time."""
+def passes(flags: list) -> float:
+    """Image passes of a command relative to the default setting's (training images x rounds x local epochs)."""
+    last = {flags[i]: flags[i + 1] for i in range(1, len(flags) - 1) if flags[i].startswith("--")}
+    size = int(last.get("--train-size", 10000)) or 60000
+    return size * int(last.get("--rounds", 20)) * int(last.get("--local-epochs", 1)) / (10000 * 20)
+
+
+def estimate(todo: list, stores: list, jobs: int) -> tuple:
+    """(seconds, text): how long `todo` takes, from the committed cells' wall-clock (same row, else all rows'),
+    scaled by each cell's image passes, at least 10 s a cell, `jobs` at a time."""
     walls = {}
     for store in stores:
         for path in store.glob("*/*/cell.json"):
-            walls.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text())["wall_s"])
+            rec = json.loads(path.read_text())
+            walls.setdefault(path.parent.parent.name, []).append(rec["wall_s"] / passes(shlex.split(rec["command"])[1:]))
     if not todo or not walls:
-        return ""
+        return 0, ""
     every = [w for ws in walls.values() for w in ws]
-    secs = sum(np.mean(walls.get(c.method, every)) for c in todo) / jobs
-    return (f"about {secs / 3600:.1f} h with {jobs} run(s) at once (from the committed cells' wall-clock on "
-            f"their devices; rows not run yet counted at the mean of all)")
+    secs = sum(max(10.0, np.mean(walls.get(c.method, every)) * passes(c.flags)) for c in todo) / jobs
+    when = f"{secs / 3600:.1f} h" if secs >= 3600 else f"{secs / 60:.0f} min"
+    return secs, (f"about {when} with {jobs} run(s) at once (from the committed cells' wall-clock per image pass "
+                  f"on their devices; rows not run yet at the mean of all)")
 
 
 def row_lines(cells: list, state: dict) -> list:
@@ -1255,10 +1272,50 @@ def row_lines(cells: list, state: dict) -> list:
     return lines
 
 
+def overlay(folders: list, path: Path):
+    """kNN, 1 %-label kNN and loss against rounds of any run folders in one figure, each run's own untrained
+    network dashed in its colour (from its summary.json; a run still going has none)."""
+    plt = common._plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    palette = list(plt.get_cmap("tab10").colors)
+    for i, folder in enumerate(folders):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        rand = json.loads((folder / "summary.json").read_text())["random_encoder"] \
+            if (folder / "summary.json").is_file() else {}
+        color, style = palette[i % 10], ("-", "--", ":", "-.")[i // 10 % 4]
+        for ax, key in zip(axes, ("knn_acc", "knn_acc_1pct", "loss")):
+            pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, ls=style, color=color, label=folder.name)
+            if key in rand:
+                ax.axhline(rand[key], color=color, ls="--", lw=0.9, alpha=0.7)
+    for ax, title in zip(axes, ("kNN accuracy, all labels", "kNN accuracy, 1 % of the labels", "training loss")):
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("dashed: each run's own untrained network")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(argv)
+        if args.plot:
+            folders = [Path(p) for p in args.plot.split(",") if p]
+            for f in folders:
+                if not (f / "metrics.jsonl").is_file():
+                    common.fail(f"--plot {f}: not a run folder (it has no metrics.jsonl)")
+            path = (Path(args.out) if args.out else ROOT / "runs") / "overlay.png"
+            overlay(folders, path)
+            print(f"wrote {path}")
+            return
         args.check()
         if args.device == "cuda":
             import torch
@@ -1294,7 +1351,7 @@ def main(argv=None):
               f"{sum(v == 'stale' for v in state.values())} stale, {sum(v == 'missing' for v in state.values())} "
               f"missing (--dry-run: nothing is run)")
         print("\n".join(row_lines(cells, state)))
-        if eta := estimate([c for c in cells if state[c] != "done"], stores, jobs):
+        if eta := estimate([c for c in cells if state[c] != "done"], stores, jobs)[1]:
             print(f"to run: {eta}")
         for c in cells:
             if state[c] != "done":
@@ -1312,8 +1369,12 @@ def main(argv=None):
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already complete, "
           + (f"{len(todo)} not run (--report)" if args.report else f"{len(todo)} to run ({jobs} at a time)"), flush=True)
     print("\n".join(row_lines(cells, state)), flush=True)
-    if todo and not args.report and (eta := estimate(todo, stores, jobs)):
+    secs, eta = estimate(todo, stores, jobs) if todo and not args.report else (0, "")
+    if eta:
         print(f"{len(todo)} to run: {eta}; Ctrl-C stops, the same command continues", flush=True)
+    if secs > 3600 and not args.yes:
+        common.refuse(f"{len(todo)} runs, {eta.split(' with')[0]}: add --yes to start them (python compare.py "
+                      "--dry-run lists them; --quick checks the pipeline in minutes)")
 
     def finished(cell):
         fp, how = launch_fingerprint(cell)

@@ -24,7 +24,7 @@ fi
 # one CPU thread per run: the GPU does the work, the data already lives on it
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 status=0
-"$PY" compare.py --device "$DEVICE" --jobs "$JOBS" "$@" || status=$?
+"$PY" compare.py --device "$DEVICE" --jobs "$JOBS" --yes "$@" || status=$?
 if [ -n "${OUT:-}" ] && [ -d results/cells ]; then
     tar czf "$OUT/ledger-cells.tgz" results/cells results/results.md results/claims.md results/results*.png \
         results/results.json 2>/dev/null || tar czf "$OUT/ledger-cells.tgz" results/cells

@@ -264,3 +264,33 @@ def test_an_interrupted_run_of_other_code_is_set_aside_not_resumed(tmp_path):
     (folder / "summary.json").unlink()                                     # interrupted: a checkpoint, no summary
     state = compare.plan([cell], out / "cells", compare.Status([out / "cells"]), {}, "CPU")
     assert state[cell] == "missing" and not cell.dir.exists() and list(cell.dir.parent.glob(cell.tag + ".stale-*"))
+
+
+def test_plot_overlays_any_run_folders_and_refuses_what_is_not_one(tmp_path, capsys):
+    cell = one_cell(tmp_path)
+    a, b = fake_run(tmp_path / "a", cell, knn=0.6), fake_run(tmp_path / "b", cell, knn=0.7)
+    compare.main(["--plot", f"{a},{b}", "--out", str(tmp_path / "fig")])
+    assert (tmp_path / "fig" / "overlay.png").stat().st_size > 5000 and "overlay.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--plot", f"{a},{tmp_path}", "--out", str(tmp_path / "fig2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "not a run folder" in err[0] and not (tmp_path / "fig2").exists()
+
+
+def test_image_passes_scale_the_estimate():
+    assert compare.passes(["x.py", "--train-size", "10000", "--rounds", "20", "--local-epochs", "1"]) == 1
+    assert compare.passes(["x.py", "--train-size", "1000", "--rounds", "2", "--rounds", "4"]) == 0.02   # last wins
+
+
+def test_a_job_of_more_than_an_hour_needs_yes(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(compare, "estimate", lambda todo, stores, jobs: (7200.0, "about 2.0 h with 1 run(s) at once"))
+    monkeypatch.setattr(compare, "run_all", lambda todo, jobs, done: ran.append(len(todo)) or [])
+    flags = ["--methods", "fedavg_cl", "--partitions", "iid", "--seeds", "0", "--device", "cpu",
+             "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        compare.main(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "add --yes" in err and "about 2.0 h" in err and ran == []
+    compare.main(flags[:-1] + [str(tmp_path / "o2"), "--yes"])          # (the first call still holds o's lock)
+    assert ran == [1]
