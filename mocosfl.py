@@ -70,13 +70,23 @@ the activations autograd keeps, and h_q, h_k, dL/dh_q), measured with saved-tens
 
 Random numbers: each pool client draws its image order and its views' augmentation from its own stream,
 seeded by (seed, round, client) (run.client(c), as in every method), one augmentation call per client
-for the steps up to the next sync. torchrun: not distributed yet (it refuses torchrun and runs as one
-process): the server batch is the whole pool's activations in one vectorised step.
+for the steps up to the next sync.
+torchrun (OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node N mocosfl.py ...): client c lives on
+process c % N with its rows of the momentum models and SGD buffers and its stream. Each step, every process
+computes its clients' h_q, h_k; one all-gather (run.gather) brings the whole pool's to every process in
+pool order, and every process runs the same server step on them (the server is replicated, as in the
+other methods), so no gradient is sent back: each takes its clients' rows of dL/dH_q. At syncs a second
+all-gather brings the pool's client weights. What crosses is what the paper's clients upload (h_q, h_k,
+weights: upload_bytes). The cost of this choice: the server's work, most of a step, is repeated on every
+process, so only the clients' part runs in parallel (a server on one process would need a scatter of the
+gradients and leave the others idle as long). N processes give one process's numbers bit for bit on the
+CPU (tests/test_distributed.py; GROUPS says what that needed).
 
 Run:      python mocosfl.py --clients 1000 --partition classes --classes-per-client 2   (CPU, minutes)
           python mocosfl.py --clients 5                         (5 clients, 20 images each per step)
           python mocosfl.py --preset paper                      (CIFAR-10 ResNet-18, 1000 clients, 200
                                                                  passes = 2000 rounds; for a GPU)
+          torchrun --standalone --nproc_per_node 2 mocosfl.py --clients 1000   (the pool on 2 processes)
 Speed:    train_images_per_s(clients, images, device) below (for benchmark.py).
 Expected: the first command (60 rounds, 6 passes; 8 min on 2 shared, busy cores): kNN 0.752 vs
 0.737 for the random encoder, linear probe 0.834 vs 0.799 (measured before the per-client streams, so
@@ -98,6 +108,12 @@ from torch.func import functional_call, vmap
 import common
 
 UNITS = {"cnn": 3, "resnet18": 9}   # cut units of each backbone
+# vmap makes the clients' convolutions one grouped convolution, a group per client. The CPU's (oneDNN's)
+# computes a group with the same float operations whatever the number of groups from 3 on, but not with
+# 1 or 2 (tests/test_mocosfl.py); so a process holding fewer of the pool's clients pads them with copies
+# to min(pool, GROUPS) rows, and under torchrun every client's h_q, h_k and gradients are bit for bit those
+# of one process.
+GROUPS = 3
 
 
 @dataclass
@@ -138,6 +154,8 @@ class Args(common.RunArgs):
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=1000, partition="classes",
                                  classes_per_client=2, passes=200, proj_dim=1024, train_size=0,
                                  eval_every=50, probe_epochs=100)
+
+    TORCHRUN: ClassVar[bool] = True       # runs under torchrun: the pool's clients spread over processes (docstring)
 
     def check(self):
         if self.norm == "bn":
@@ -196,9 +214,14 @@ class Server(nn.Module):
         return self.head(self.trunk(h))
 
 
-def client_forward(client: nn.Module, w: dict, x: torch.Tensor) -> torch.Tensor:
+def client_forward(client: nn.Module, w: dict, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """h[i] = C(w[i], x[i]) for every client i of the pool at once: w holds (P, ...) stacked weights,
-    x is P x B x C x H x W; the result is P x B x (smashed data shape)."""
+    x is P x B x C x H x W; the result is P x B x (smashed data shape). Fewer than `groups` clients are
+    computed padded with copies of them (see GROUPS)."""
+    if len(x) < groups:
+        pad = torch.arange(groups - len(x), device=x.device) % len(x)
+        w_pad = {k: torch.cat([v, v.detach()[pad]]) for k, v in w.items()}
+        return client_forward(client, w_pad, torch.cat([x, x[pad]]))[:len(x)]
     return vmap(lambda wi, xi: functional_call(client, wi, (xi,)))(w, x)
 
 
@@ -226,25 +249,38 @@ def sgd_step(w: dict, buf: dict, lr: float, wd: float, momentum: float = 0.9):
 
 
 @torch.no_grad()
-def sync(w: dict, w_m: dict, with_momentum: bool):
+def sync(w: dict, w_m: dict, with_momentum: bool, everyone=None) -> list:
     """Frequent synchronisation: every pool client receives the unweighted mean of the pool's online
-    client models (and of their momentum models with --sync-momentum)."""
+    client models (and of their momentum models with --sync-momentum); returns the means.
+    everyone (torchrun): this process's clients' rows -> the whole pool's, stacked in pool order."""
+    means = []
     for models in ([w, w_m] if with_momentum else [w]):
-        for v in models.values():
-            v.copy_(v.mean(0, keepdim=True).expand_as(v))
+        pool = models if everyone is None else everyone(models)
+        mean = {k: v.mean(0) for k, v in pool.items()}
+        for k, v in models.items():
+            v.copy_(mean[k].expand_as(v))
+        means.append(mean)
+    return means
 
 
-def train_step(st: dict, pool: dict, x_q, x_k, lr: float, args: Args):
-    """One MocoSFL step for the whole pool (steps 1-3 of the docstring); returns the loss tensor."""
+def train_step(st: dict, pool: dict, x_q, x_k, lr: float, args: Args, share=None):
+    """One MocoSFL step for the whole pool (steps 1-3 of the docstring); returns the loss tensor.
+    share (torchrun): this process's clients' (h_q, h_k) -> the whole pool's (H_q, H_k) and the rows of
+    this process's clients in them; without it the pool is the clients in x_q."""
     client, server, server_m = st["client"], st["server"], st["server_m"]
-    w, w_m = pool["w"], pool["w_m"]
-    h_q = client_forward(client, w, x_q)                                    # 1. h_q = C_i(x_q), graph kept
-    with torch.no_grad():
-        for k in w_m:
-            w_m[k].mul_(args.m).add_(w[k], alpha=1 - args.m)                # Cbar_i <- m Cbar_i + (1-m) C_i
-        h_k = client_forward(client, w_m, x_k)                              # h_k = Cbar_i(x_k)
-    H_q = h_q.detach().flatten(0, 1).requires_grad_()                       # 2. latent-vector concatenation
-    H_k = h_k.flatten(0, 1)
+    w, w_m, groups = pool["w"], pool["w_m"], pool.get("groups", 1)
+    h_q = h_k = None
+    if len(x_q):                                                            # (torchrun: none of the pool here)
+        h_q = client_forward(client, w, x_q, groups)                        # 1. h_q = C_i(x_q), graph kept
+        with torch.no_grad():
+            for k in w_m:
+                w_m[k].mul_(args.m).add_(w[k], alpha=1 - args.m)            # Cbar_i <- m Cbar_i + (1-m) C_i
+            h_k = client_forward(client, w_m, x_k, groups)                  # h_k = Cbar_i(x_k)
+    if share is None:                                                       # 2. latent-vector concatenation
+        H_q, H_k, rows = h_q.detach().flatten(0, 1), h_k.flatten(0, 1), slice(None)
+    else:
+        H_q, H_k, rows = share(h_q, h_k)                                    # of every process's clients
+    H_q.requires_grad_()
     common.ema_update(server_m, server, args.m)                             # Sbar <- m Sbar + (1-m) S
     loss, keys = server_step(server, server_m, st["queue"], H_q, H_k, args.tau)
     st["server_opt"].zero_grad(set_to_none=True)
@@ -252,8 +288,11 @@ def train_step(st: dict, pool: dict, x_q, x_k, lr: float, args: Args):
     loss.backward()
     st["server_opt"].step()
     enqueue(st, keys)                                                       # after the logits: FIFO
-    h_q.backward(H_q.grad.view_as(h_q))                                     # 3. client i gets dL/dh_q[i]
-    sgd_step(w, pool["buf"], lr, args.weight_decay)
+    st["meta"]["smashed_bytes"] += 2 * H_q.numel() * H_q.element_size()    # h_q and h_k up
+    st["meta"]["grads_bytes"] += H_q.numel() * H_q.element_size()           # dL/dh_q down
+    if h_q is not None:
+        h_q.backward(H_q.grad.view(-1, *h_q.shape[1:])[rows])               # 3. client i gets dL/dh_q[i]
+        sgd_step(w, pool["buf"], lr, args.weight_decay)
     return loss.detach()
 
 
@@ -290,14 +329,30 @@ def client_step_bytes(client: nn.Module, x: torch.Tensor) -> int:
     return 4 * common.state_bytes(client) + sum(saved.values()) + 3 * h.numel() * h.element_size()
 
 
+def flat(params: dict) -> torch.Tensor:
+    """{name: (n, ...) per-client tensors} -> n x D: one row per client, the parameters side by side."""
+    return torch.cat([v.flatten(1) for v in params.values()], 1)
+
+
+def as_params(rows: torch.Tensor, client: nn.Module) -> dict:
+    """n x D rows (flat) -> {name: (n, *shape)} copies, in the client model's parameter order."""
+    out, at = {}, 0
+    for k, p in client.named_parameters():
+        out[k] = rows[:, at:at + p.numel()].reshape(len(rows), *p.shape).contiguous()
+        at += p.numel()
+    return out
+
+
 def init_state(args: Args, channels: int, device) -> dict:
     """Everything that evolves across rounds: the client model (all online client models are equal
-    after the end-of-round sync, so one copy), per-client momentum models and SGD buffers as stacked
-    (N, ...) tensors, server S and Sbar, the server optimizer, the queue and counters."""
+    after the end-of-round sync, so one copy), per-client momentum models and SGD buffers as N x D
+    tensors (a row per client, see flat; under torchrun each process keeps its own clients' rows current
+    and the checkpoint takes row c from process c % N), server S and Sbar, the server optimizer, the
+    queue and counters."""
     client, trunk = split_network(args, channels)
     client, server = client.to(device), Server(trunk, args.proj_dim).to(device)
-    stacked = {k: p.detach().expand(args.clients, *p.shape).clone() for k, p in client.named_parameters()}
-    return dict(client=client, client_m=stacked, client_buf={k: torch.zeros_like(v) for k, v in stacked.items()},
+    rows = flat({k: p.detach()[None] for k, p in client.named_parameters()}).expand(args.clients, -1).clone()
+    return dict(client=client, client_m=rows, client_buf=torch.zeros_like(rows),
                 server=server, server_m=copy.deepcopy(server).requires_grad_(False),
                 server_opt=torch.optim.SGD(server.parameters(), lr=args.lr, momentum=0.9,
                                            weight_decay=args.weight_decay),
@@ -305,41 +360,52 @@ def init_state(args: Args, channels: int, device) -> dict:
                 meta=dict(queue_ptr=0, weights_bytes=0, smashed_bytes=0, grads_bytes=0))
 
 
-def run_round(st, pool, orders, steps, lr, args, views):
+def run_round(st, pool, orders, steps, lr, args, views, gather=None):
     """One epoch of the pool: download, `steps` vectorised steps with syncs, write back; returns (loss, views).
-    orders: {c: client c's image indices for the round}; views(c, idx) -> client c's (x_q, x_k) of them."""
-    B, P, ids = args.batch_size, len(pool), torch.tensor(pool, device=st["queue"].device)
+    orders: {c: client c's image indices for the round} for the pool's clients this process holds (all of
+    them in one process); views(c, idx) -> client c's (x_q, x_k) of them. gather (torchrun): run.gather,
+    which brings every process the pool's activations at every step and its client weights at syncs."""
+    mine = [c for c in pool if c in orders]
+    B, P, n_mine, dev = args.batch_size, len(pool), len(mine), st["queue"].device
+    ids = torch.tensor(mine, dtype=torch.long, device=dev)
     # the pool's online models (all equal to the last mean), momentum models and SGD buffers, stacked
-    pool_st = {"w": {k: p.detach().expand(P, *p.shape).clone().requires_grad_()
+    pool_st = {"w": {k: p.detach().expand(n_mine, *p.shape).clone().requires_grad_()
                      for k, p in st["client"].named_parameters()},
-               "w_m": {k: v[ids] for k, v in st["client_m"].items()},
-               "buf": {k: v[ids] for k, v in st["client_buf"].items()}}
-    loss_sum, meta = torch.zeros((), device=ids.device), st["meta"]
+               "w_m": as_params(st["client_m"][ids], st["client"]),
+               "buf": as_params(st["client_buf"][ids], st["client"]), "groups": min(P, GROUPS)}
+    share = everyone = None
+    if gather is not None:                 # torchrun: what crosses between the processes
+        rows = torch.tensor([pool.index(c) for c in mine], dtype=torch.long, device=dev)
+
+        def share(h_q, h_k):               # every client's h_q, h_k to every process, in pool order
+            got = gather({c: (h_q[i].detach().clone(), h_k[i].clone()) for i, c in enumerate(mine)})
+            return torch.cat([got[c][0] for c in pool]), torch.cat([got[c][1] for c in pool]), rows
+
+        def everyone(models):              # every client's weights, stacked in pool order
+            got = gather({c: {k: v[i].detach().clone() for k, v in models.items()} for i, c in enumerate(mine)})
+            return {k: torch.stack([got[c][k] for c in pool]) for k in models}
+    loss_sum, meta = torch.zeros((), device=dev), st["meta"]
     weight_bytes = common.state_bytes(st["client"]) * (2 if args.sync_momentum else 1)
+    x_q = x_k = torch.empty(0)
     for t in range(steps):
-        if t % args.sync_every == 0:          # the views up to the next sync, one augmentation call per client
+        if t % args.sync_every == 0 and mine:   # the views up to the next sync, one augmentation call per client
             n = min(args.sync_every, steps - t) * B
-            block = [views(c, orders[c][t * B:t * B + n]) for c in pool]
+            block = [views(c, orders[c][t * B:t * B + n]) for c in mine]
             block_q, block_k = (torch.stack([v[j] for v in block]) for j in (0, 1))   # P x n x C x H x W
-        now = slice(t % args.sync_every * B, (t % args.sync_every + 1) * B)
-        x_q, x_k = block_q[:, now].contiguous(), block_k[:, now].contiguous()
-        loss_sum += train_step(st, pool_st, x_q, x_k, lr, args)
+        if mine:
+            now = slice(t % args.sync_every * B, (t % args.sync_every + 1) * B)
+            x_q, x_k = block_q[:, now].contiguous(), block_k[:, now].contiguous()
+        loss_sum += train_step(st, pool_st, x_q, x_k, lr, args, share)
         if (t + 1) % args.sync_every == 0 or t == steps - 1:
-            sync(pool_st["w"], pool_st["w_m"], args.sync_momentum)
+            means = sync(pool_st["w"], pool_st["w_m"], args.sync_momentum, everyone)
             meta["weights_bytes"] += P * weight_bytes
-    with torch.no_grad():
-        h = st["client"](x_q[0, :1])                                             # smashed data of one image
-    per_image = h.numel() * h.element_size()
-    meta["smashed_bytes"] += 2 * per_image * P * B * steps                       # h_q and h_k up
-    meta["grads_bytes"] += per_image * P * B * steps                             # dL/dh_q down
     with torch.no_grad():                  # the last sync loaded the mean into every client: keep one copy
         for k, p in st["client"].named_parameters():
-            p.copy_(pool_st["w"][k][0])
-        for k in st["client_m"]:
-            st["client_m"][k][ids] = pool_st["w_m"][k]
-            if args.sync_momentum:
-                st["client_m"][k].copy_(pool_st["w_m"][k][:1].expand_as(st["client_m"][k]))
-            st["client_buf"][k][ids] = pool_st["buf"][k]
+            p.copy_(means[0][k])
+        st["client_m"][ids] = flat(pool_st["w_m"])
+        if args.sync_momentum:
+            st["client_m"].copy_(flat({k: v[None] for k, v in means[1].items()}).expand_as(st["client_m"]))
+        st["client_buf"][ids] = flat(pool_st["buf"])
     return loss_sum / steps, 2 * P * B * steps
 
 
@@ -361,19 +427,19 @@ def main():
             x = run.data.train_x[idx]
             return run.augment(torch.cat([x, x])).chunk(2)
 
-    print(f"client model: {sum(p.numel() for p in st['client'].parameters())} parameters; "
-          f"client step memory {step_mib:.2f} MiB; pool {max(1, round(args.participation * args.clients))}, "
-          f"batch {args.batch_size} per client, {args.rounds} rounds", flush=True)
+    run.say(f"client model: {sum(p.numel() for p in st['client'].parameters())} parameters; "
+            f"client step memory {step_mib:.2f} MiB; pool {max(1, round(args.participation * args.clients))}, "
+            f"batch {args.batch_size} per client, {args.rounds} rounds")
     for rnd in run.rounds(st):
         lr = cosine_lr(args, rnd)
         pool = run.sample_clients()
         size = int(run.sizes[pool].mean())
         steps = max(1, args.local_epochs * size // args.batch_size)
         orders = {}
-        for c in pool:
+        for c in run.my_clients(pool):                            # (torchrun: this process's share of the pool)
             with run.client(c):                                   # c's own random stream: (seed, round, c)
                 orders[c] = client_order(run.clients[c], steps * args.batch_size)
-        loss, images = run_round(st, pool, orders, steps, lr, args, views)
+        loss, images = run_round(st, pool, orders, steps, lr, args, views, run.gather if run.world.size > 1 else None)
         run.log(rnd, loss=loss, images=images, encoder=encoder, pool=len(pool), steps=steps, lr=lr,
                 comm_weights_mib=mib("weights_bytes"), comm_smashed_mib=mib("smashed_bytes"),
                 comm_grads_mib=mib("grads_bytes"))

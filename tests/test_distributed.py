@@ -1,5 +1,5 @@
-"""torchrun (issue #17): 2 processes give what 1 process gives; rank 0 writes one run folder; Ctrl-C and --resume;
-a killed process stops the others; methods not distributed yet refuse. CPU, gloo backend."""
+"""torchrun (issue #17; mocosfl: #29): 2 processes give what 1 process gives; rank 0 writes one run folder; Ctrl-C
+and --resume; a killed process stops the others; methods not distributed yet refuse. CPU, gloo backend."""
 import json
 import os
 import signal
@@ -178,10 +178,45 @@ def test_a_killed_process_stops_the_others_without_a_summary(tmp_path):
 
 
 def test_a_method_not_distributed_yet_refuses_torchrun(tmp_path):
-    proc, folders = run_torchrun("mocosfl.py", *BUDGET, out=tmp_path / "runs")
+    """Every method runs under torchrun now; a stand-in method file whose Args keep TORCHRUN = False."""
+    script = tmp_path / "not_yet.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport common\n\n\n"
+                      "class Args(common.RunArgs):\n    pass\n\n\ncommon.start(Args)\n")
+    proc, folders = run_torchrun(script, *BUDGET, out=tmp_path / "runs")
     assert proc.returncode != 0 and not folders
-    assert proc.stderr.count("error: mocosfl.py is not distributed yet") == 1    # once, by process 0
+    assert proc.stderr.count("error: not_yet.py is not distributed yet") == 1    # once, by process 0
     assert "exitcode  : 2" in proc.stderr                          # torchrun's report: the processes exit 2
+
+
+# mocosfl: 2 of 4 clients a round (seed 0: pools [1, 3], [0, 1], [0, 3]: process 0 holds none of the first,
+# each process one client of the others), 6 steps a round, syncs after steps 2, 4, 6
+MOCOSFL = [*BUDGET, "--clients", "4", "--participation", "0.5", "--batch-size", "8", "--sync-every", "2"]
+
+
+def without_uploads(rows):
+    return [{k: v for k, v in r.items() if k != "upload_bytes"} for r in rows]
+
+
+def test_mocosfl_two_processes_give_the_numbers_of_one_process(tmp_path):
+    """The pool's clients on two processes, every process running the server step on the gathered activations:
+    every loss, kNN, final metric, client row and server weight of one process (bit for bit on this CPU build)."""
+    ref, ref_folder = run_script("mocosfl.py", *MOCOSFL, out=tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    assert ref.returncode == 0, ref.stderr
+    proc, folders = run_torchrun("mocosfl.py", *MOCOSFL, out=tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr
+    assert len(folders) == 1 and proc.stdout.count("learned encoder: kNN") == proc.stdout.count("client model:") == 1
+    summary, metrics = assert_complete_run(folders[0], rounds=3)
+    ref_summary, ref_metrics, _ = read_run(ref_folder)
+    assert same_numbers(without_uploads(metrics), ref_metrics) and same_numbers(summary, ref_summary)
+    for name, key in (("checkpoint.pt", "state"), ("encoder.pt", "encoders")):   # client rows from their processes
+        got, want = (torch.load(f / name, weights_only=False)[key] for f in (folders[0], ref_folder))
+        assert same_tensors(got, want), name
+    # what crossed: every step the pool's h_q and h_k, every sync its client weights (the bytes the paper counts)
+    total, before = lambda m: (m["comm_smashed_mib"] + m["comm_weights_mib"]) * 4 * 2 ** 20, 0
+    for m in metrics:
+        assert m["upload_bytes"] == pytest.approx(total(m) - before, rel=1e-9)
+        before = total(m)
+    assert metrics[0]["upload_bytes"] == 6 * 2 * 2 * 8 * 32 * 14 * 14 * 4 + 3 * 2 * 352 * 4
 
 
 def test_a_process_that_stops_answering_is_given_up_after_the_timeout(tmp_path):

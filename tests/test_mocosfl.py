@@ -213,21 +213,19 @@ def test_round_writes_back_only_the_pool(with_momentum):
     torch.manual_seed(0)
     args = make(clients=6, batch_size=2, queue_size=32, proj_dim=8, sync_every=1, sync_momentum=with_momentum)
     st = mocosfl.init_state(args, 1, torch.device("cpu"))
-    with torch.no_grad():
-        for v in st["client_m"].values():
-            v.add_(0.1 * torch.randn_like(v))
-    m0 = {k: v.clone() for k, v in st["client_m"].items()}
+    st["client_m"].add_(0.1 * torch.randn_like(st["client_m"]))          # one row per client (mocosfl.flat)
+    m0 = mocosfl.as_params(st["client_m"], st["client"])
     x = torch.randn(60, 1, 12, 12)
     clients = list(torch.arange(60).chunk(6))
     pool = [1, 3, 4]
     run_round(st, clients, pool, 3, args, lambda i: (x[i] + 0.1, x[i] - 0.1))
-    w = st["client_m"]["0.0.weight"]
+    w = mocosfl.as_params(st["client_m"], st["client"])["0.0.weight"]
     if with_momentum:
         assert all(torch.allclose(w[i], w[0], atol=1e-7) for i in range(6))
     else:
         assert all(torch.equal(w[i], m0["0.0.weight"][i]) for i in (0, 2, 5))
         assert not torch.allclose(w[1], m0["0.0.weight"][1])
-    buf = st["client_buf"]["0.0.weight"]
+    buf = mocosfl.as_params(st["client_buf"], st["client"])["0.0.weight"]
     assert all(buf[i].abs().sum() == 0 for i in (0, 2, 5)) and all(buf[i].abs().sum() > 0 for i in pool)
     assert st["meta"]["weights_bytes"] == 3 * 3 * common.state_bytes(st["client"]) * (2 if with_momentum else 1)
 
@@ -273,9 +271,10 @@ def test_rounds_write_back_the_mean_and_carry_momentum_models_and_buffers():
     synced, entry = [], []
     real_sync, real_step = mocosfl.sync, mocosfl.train_step
 
-    def spy_sync(w, w_m, with_momentum):
-        real_sync(w, w_m, with_momentum)
+    def spy_sync(w, w_m, with_momentum, *a):
+        means = real_sync(w, w_m, with_momentum, *a)
         synced.append({k: v.detach().clone() for k, v in w.items()})
+        return means
 
     def spy_step(st_, pool, *a):
         entry.append({part: {k: v.detach().clone() for k, v in pool[part].items()} for part in ("w", "w_m", "buf")})
@@ -286,8 +285,7 @@ def test_rounds_write_back_the_mean_and_carry_momentum_models_and_buffers():
         w0 = {k: p.detach().clone() for k, p in st["client"].named_parameters()}
         run_round(st, clients, [1, 3, 4], 3, args, views)
         after = {k: p.detach().clone() for k, p in st["client"].named_parameters()}
-        m1 = {k: v.clone() for k, v in st["client_m"].items()}
-        b1 = {k: v.clone() for k, v in st["client_buf"].items()}
+        m1, b1 = (mocosfl.as_params(st[part], st["client"]) for part in ("client_m", "client_buf"))
         entry.clear()
         run_round(st, clients, [3, 5], 1, args, views)
     finally:
@@ -390,9 +388,9 @@ def test_each_pool_client_draws_from_its_own_stream(out, monkeypatch):
     from conftest import SMALL, run_in_process
     seen = {}
 
-    def spy(st, pool, orders, steps, lr, args, views):
+    def spy(st, pool, orders, steps, lr, args, views, *rest):
         seen[len(seen) + 1] = (pool, orders, [views(c, orders[c][:5]) for c in pool])   # the round's first draws
-        return real(st, pool, orders, steps, lr, args, views)
+        return real(st, pool, orders, steps, lr, args, views, *rest)
     real = mocosfl.run_round
     monkeypatch.setattr(mocosfl, "run_round", spy)
     run_in_process(mocosfl, *SMALL, "--clients", "6", "--participation", "0.5", "--batch-size", "8", "--seed", "4",
@@ -412,3 +410,30 @@ def test_each_pool_client_draws_from_its_own_stream(out, monkeypatch):
                 want = aug(torch.cat([x, x]))
             assert torch.equal(orders[c], order), (rnd, c)
             assert torch.equal(torch.cat([x_q, x_k]), want), (rnd, c)
+
+
+@pytest.mark.parametrize("encoder,cut,shape", [("cnn", 1, (1, 12, 12)), ("resnet18", 1, (3, 8, 8)),
+                                               ("resnet18", 2, (3, 8, 8))])
+def test_a_process_holding_few_clients_computes_their_rows_as_the_whole_pool(encoder, cut, shape):
+    """torchrun: any share of the pool's clients, computed padded to min(pool, GROUPS) rows, gives bit for bit
+    the activations and weight gradients that the whole pool's vmap gives them (one process). Without the
+    padding, 1 or 2 clients' convolution is not the grouped one of the pool (on this CPU build)."""
+    torch.manual_seed(0)
+    client, _ = mocosfl.split_network(make(encoder=encoder, cut_layer=cut), shape[0])
+    for P in (2, 5):
+        g = torch.Generator().manual_seed(P)
+        w = {k: (p.detach().expand(P, *p.shape) + 0.1 * torch.randn(P, *p.shape, generator=g)).requires_grad_()
+             for k, p in client.named_parameters()}
+        x = torch.randn(P, 2, *shape, generator=g)
+        h = mocosfl.client_forward(client, w, x, min(P, mocosfl.GROUPS))     # one process: all P, no padding
+        grad_out = torch.randn(h.shape, generator=g)
+        h.backward(grad_out)
+        for share in ([0], [P - 1], [0, P - 1], [1, 2, 4], [0, 1, 3, 4]):
+            if max(share) >= P or len(share) == P:
+                continue
+            ws = {k: v.detach()[share].clone().requires_grad_() for k, v in w.items()}
+            hs = mocosfl.client_forward(client, ws, x[share], min(P, mocosfl.GROUPS))
+            hs.backward(grad_out[share])
+            assert torch.equal(hs, h[share]), (P, share)
+            for k in w:
+                assert torch.equal(ws[k].grad, w[k].grad[share]), (P, share, k)
