@@ -219,6 +219,31 @@ def test_mocosfl_two_processes_give_the_numbers_of_one_process(tmp_path):
     assert metrics[0]["upload_bytes"] == 6 * 2 * 2 * 8 * 32 * 14 * 14 * 4 + 3 * 2 * 352 * 4
 
 
+def test_mocosfl_ctrl_c_under_two_processes_saves_that_round_and_resumes_exactly(tmp_path):
+    """--checkpoint-every 4: a Ctrl-C after round 1 or 2 still writes that round's checkpoint (one, from both
+    processes' client rows), and --resume under torchrun reaches the numbers of the uninterrupted run."""
+    flags = [*MOCOSFL, "--rounds", "5", "--checkpoint-every", "4"]
+    ref, ref_folder = run_script("mocosfl.py", *flags, out=tmp_path / "ref", env={"OMP_NUM_THREADS": "1"})
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(torchrun("mocosfl.py", *flags, out=out), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("round 1/5"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and err.count("interrupted after round") == 1, err
+    folder, = out.glob("*/")
+    done = [json.loads(l)["round"] for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert done == list(range(1, done[-1] + 1)) and done[-1] < 4
+    assert torch.load(folder / "checkpoint.pt", weights_only=False)["round"] == done[-1]
+    res, _ = run_torchrun("mocosfl.py", "--resume", folder, out=out)
+    assert res.returncode == 0, res.stderr
+    (s_ref, m_ref, _), (s_res, m_res, _) = read_run(ref_folder), read_run(folder)
+    assert same_numbers(without_uploads(m_res), m_ref) and same_numbers(s_res, s_ref)
+
+
 def test_a_process_that_stops_answering_is_given_up_after_the_timeout(tmp_path):
     """SIGSTOP: the process is alive, so torchrun does not see a failure; the collective's timeout
     (FEDSSL_DIST_TIMEOUT, 10 s here) makes process 0 stop with one line and exit 1."""

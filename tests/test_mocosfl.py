@@ -2,6 +2,9 @@
 server, per-client nn.Module copies with their own torch.optim.SGD, and a loop-based InfoNCE."""
 import copy
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torch.func import functional_call
 
 import common
 import mocosfl
-from conftest import TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, run_script, resume_to
+from conftest import ROOT, TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, run_script, resume_to
 
 
 def make(clients=3, channels=1, **kw):
@@ -364,6 +367,35 @@ def test_end_to_end_5_clients_and_resume(out, tmp_path):
     assert resumed[-1]["knn_acc"] == metrics[-1]["knn_acc"]
 
 
+def test_checkpoint_every_k_rounds_and_a_crash_resumes_exactly(tmp_path):
+    """--checkpoint-every 2 over 4 rounds: a run that dies at the start of round 4 left the checkpoint of round 2
+    (not 3) and metrics of rounds 1-3; --resume redoes round 3 and reaches every number of the uninterrupted run."""
+    flags = [*TINY, "--train-size", "300", "--test-size", "100", "--rounds", "4", "--checkpoint-every", "2",
+             "--eval-every", "2", "--probe-epochs", "1"]
+    ref, ref_folder = run_script("mocosfl.py", *flags, out=tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "crash"
+    die = (f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+           f"sys.argv = [{str(ROOT / 'mocosfl.py')!r}, *{[*flags, '--out', str(out)]!r}]\n"
+           "import mocosfl\nlr = mocosfl.cosine_lr\n"
+           "mocosfl.cosine_lr = lambda args, rnd: os._exit(9) if rnd == 4 else lr(args, rnd)   # killed\n"
+           "mocosfl.main()\n")
+    proc = subprocess.run([sys.executable, "-c", die], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 9, proc.stderr
+    folder, = out.glob("*/")
+    assert [m["round"] for m in read_run(folder)[1]] == [1, 2, 3]
+    assert torch.load(folder / "checkpoint.pt", weights_only=False)["round"] == 2
+    res, _ = run_script("mocosfl.py", "--resume", folder, out=out)
+    assert res.returncode == 0, res.stderr
+    (s_ref, m_ref, _), (s_res, m_res, _) = read_run(ref_folder), read_run(folder)
+    timing = {"images_per_s", "elapsed_s", "wall_s"}
+    assert [{k: v for k, v in m.items() if k not in timing} for m in m_res] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in m_ref]
+    assert {k: v for k, v in s_res.items() if k not in timing} == {k: v for k, v in s_ref.items() if k not in timing}
+    assert torch.load(folder / "checkpoint.pt", weights_only=False)["round"] == 4
+
+
 def test_end_to_end_1000_clients(out):
     proc, folder = run_script("mocosfl.py", *TINY, "--clients", "1000", "--train-size", "2000", out=out)
     assert proc.returncode == 0, proc.stderr
@@ -376,7 +408,8 @@ def test_end_to_end_1000_clients(out):
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--cut-layer", "3", "--cut-layer"), ("--norm", "bn", "--norm"),
-                                               ("--optimizer", "adam", "--optimizer")])
+                                               ("--optimizer", "adam", "--optimizer"),
+                                               ("--checkpoint-every", "0", "--checkpoint-every must be at least 1")])
 def test_bad_flags_exit_2(out, flag, value, needle):
     proc, _ = run_script("mocosfl.py", *TINY, flag, value, out=out)
     assert_bad_input(proc, out, needle)
