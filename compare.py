@@ -177,8 +177,8 @@ class Args:
     yes: bool = False
     """start a job estimated at more than an hour (without it such a job only prints its estimate)"""
     plot: str = ""
-    """comma-separated run folders: overlay their curves (kNN, 1 %-label kNN, loss; each own untrained network
-    dashed) in one figure, OUT/overlay.png (default runs/overlay.png), and run nothing else"""
+    """comma-separated run folders: overlay their curves (kNN with all and with 1 percent of the labels, loss;
+    each run's own untrained network dashed) in OUT/overlay.png (default runs/overlay.png); runs nothing else"""
     readme: bool = False
     """also paste the new results.md and claims.md into README.md's generated blocks (the committed setting only)"""
     restamp: bool = False
