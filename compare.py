@@ -209,7 +209,7 @@ class Args:
     local_epochs: int = 1
     """local epochs E per round (every row sees every image R x E times)"""
     batch_size: int = 128
-    """images per local step (mocosfl keeps its own rule, see above)"""
+    """images per local step (mocosfl keeps its own rule: 100 // clients images per client per step)"""
     train_size: int = 10000
     """class-stratified training subset (0 = all)"""
     test_size: int = 0
