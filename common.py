@@ -358,10 +358,10 @@ def _bool(s: str) -> bool:
 
 DATASETS = ("fmnist", "cifar10", "cifar100")
 FMNIST_SHA256 = {
-    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 STATS = {  # per-channel mean/std of the training split, on [0, 1] pixels
     "fmnist": ((0.2860,), (0.3530,)),
@@ -371,6 +371,11 @@ STATS = {  # per-channel mean/std of the training split, on [0, 1] pixels
 CLASS_NAMES = {    # for plots; CIFAR-100's 100 classes are shown by number
     "fmnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+# torchvision's layout: torchvision.datasets.FashionMNIST(root) reads root/FashionMNIST/raw/, so does load_fmnist
+FMNIST_FOLDER = Path("FashionMNIST") / "raw"
+# SHA-256 of each IDX file's content (unpacked). The bundled .gz files (Debian's dataset-fashion-mnist, packed
+# without a file name in the header) and upstream's or torchvision's download (other .gz bytes: different
+# MD5) unpack to the same content, so a torchvision root passes the same check.
 }
 
 
@@ -389,24 +394,47 @@ class Data:
         return self.train_x.shape[1]
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+def _idx_array(raw: bytes) -> np.ndarray:
+    """An IDX file's bytes (magic number, one big-endian uint32 per dimension, uint8 data) as a writable array."""
     ndim = raw[3]
     shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fmnist(folder: Path):
-    """The four original IDX files, SHA-256 verified."""
+def load_fmnist(root="data"):
+    """Fashion-MNIST's four IDX files from root/FashionMNIST/raw/ (torchvision's layout) or from `root` itself,
+    each the .gz or the unpacked file, verified by the SHA-256 of its content. Returns train images
+    N x 1 x 28 x 28, train labels, test images, test labels (writable uint8 numpy arrays) and 10.
+    A .gz without its unpacked file is unpacked beside it once (when the folder is writable), so that
+    torchvision.datasets.FashionMNIST(root, download=False) reads the same files."""
+    root = Path(root)
+    folder = root / FMNIST_FOLDER if (root / FMNIST_FOLDER).is_dir() else root
+    arrays = []
     for name, digest in FMNIST_SHA256.items():
-        path = folder / name
-        if not path.is_file():
-            fail(f"Fashion-MNIST file {path} is missing (it ships with the repository under data/fashion-mnist/)")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            fail(f"{path} does not match its recorded SHA-256; restore it from the repository")
-    tx, ty = _read_idx(folder / "train-images-idx3-ubyte.gz"), _read_idx(folder / "train-labels-idx1-ubyte.gz")
-    vx, vy = _read_idx(folder / "t10k-images-idx3-ubyte.gz"), _read_idx(folder / "t10k-labels-idx1-ubyte.gz")
+        packed, plain = folder / f"{name}.gz", folder / name
+        if packed.is_file():
+            try:
+                with gzip.open(packed, "rb") as f:
+                    raw = f.read()
+            except (OSError, EOFError, zlib.error) as e:
+                fail(f"{packed} is not a readable .gz, it is truncated or corrupt ({type(e).__name__}: {e})")
+        elif plain.is_file():
+            raw = plain.read_bytes()
+        else:
+            fail(f"Fashion-MNIST file {packed} is missing (the repository ships the four files in data/{FMNIST_FOLDER}/)")
+        if hashlib.sha256(raw).hexdigest() != digest:
+            fail(f"{packed if packed.is_file() else plain} does not match its recorded SHA-256; restore it from "
+                 f"the repository")
+        if not plain.exists():
+            tmp = plain.with_name(f".{name}.{os.getpid()}.tmp")
+            with contextlib.suppress(OSError):     # a read-only folder: only torchvision's reader misses it
+                try:
+                    tmp.write_bytes(raw)
+                    os.replace(tmp, plain)         # atomic: a reader never sees half a file
+                finally:
+                    tmp.unlink(missing_ok=True)
+        arrays.append(_idx_array(raw))
+    tx, ty, vx, vy = arrays
     return tx[:, None], ty, vx[:, None], vy, 10
 
 
@@ -514,7 +542,7 @@ def load_data(args: RunArgs, device) -> tuple[Data, np.ndarray]:
     """Load a dataset once onto the device; returns it and the original indices of the training subset."""
     data_dir = data_path(args)
     if args.dataset == "fmnist":
-        tx, ty, vx, vy, k = load_fmnist(data_dir / "fashion-mnist")
+        tx, ty, vx, vy, k = load_fmnist(data_dir)
     else:
         tx, ty, vx, vy, k = load_cifar(args.dataset, data_dir)
     original = np.arange(len(ty))

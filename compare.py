@@ -196,6 +196,8 @@ class Args:
     """comma-separated seeds (partition, initialisation, augmentation)"""
     dataset: str = "fmnist"
     """fmnist | cifar10 | cifar100"""
+    data_dir: str = ""
+    """folder of the dataset files, passed to every run (empty: the repository's data/; CIFAR has to be put there)"""
     encoder: str = "cnn"
     """cnn | resnet18"""
     clients: int = 10
@@ -327,6 +329,8 @@ def shared_flags(args: Args, partition: str, seed: int) -> list:
              "--rounds", args.rounds, "--local-epochs", args.local_epochs, "--batch-size", args.batch_size,
              "--train-size", args.train_size, "--test-size", args.test_size, "--eval-every", args.eval_every,
              "--probe-epochs", args.probe_epochs, "--seed", seed, "--device", args.device, "--partition", partition]
+    if args.data_dir:                            # only when given: the same files elsewhere are the same cell
+        flags += ["--data-dir", args.data_dir]
     if partition == "classes":
         flags += ["--classes-per-client", args.classes_per_client]
     if partition == "dirichlet":
@@ -344,11 +348,11 @@ def method_flags(key: str, args: Args, partition: str, seed: int) -> list:
 
 
 def identity(flags: list) -> list:
-    """A cell's command without what does not change its numbers' meaning (--device, --out): a cell made on a
-    GPU and one made on a CPU are the same cell, and its device is recorded with it."""
+    """A cell's command without what does not change its numbers' meaning (--device, --out, --data-dir): a cell
+    made on a GPU and one made on a CPU are the same cell, and its device is recorded with it."""
     flags, i = list(flags), 0
     while i < len(flags):
-        if flags[i] in ("--device", "--out"):
+        if flags[i] in ("--device", "--out", "--data-dir"):
             del flags[i:i + 2]
         else:
             i += 1
@@ -712,7 +716,7 @@ def device_name(device: str) -> str:
     return f"CPU {model} ({os.cpu_count()} cores)"
 
 
-NEUTRAL = ("out", "jobs", "device", "dry_run", "report", "restamp", "collect", "readme", "yes", "plot")   # flags that change no number
+NEUTRAL = ("out", "jobs", "device", "data_dir", "dry_run", "report", "restamp", "collect", "readme", "yes", "plot")   # flags that change no number
 SELECTION = ("seeds", "methods", "partitions", "setting")                         # flags that choose cells
 
 

@@ -467,15 +467,29 @@ def test_weight_standardised_conv_equals_conv_with_standardised_weight():
 
 # --- data ------------------------------------------------------------------------------------
 
+class Py2Pickler(pickle._Pickler):
+    """Pickles text and bytes alike as Python 2's byte strings (BINSTRING), as the CIFAR python-version files
+    hold their keys and data: read with encoding="bytes" (ours) the keys are b"data", with "latin1"
+    (torchvision's) they are "data"."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        b = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        head = pickle.SHORT_BINSTRING + bytes([len(b)]) if len(b) < 256 else pickle.BINSTRING + len(b).to_bytes(4, "little")
+        self.write(head + b)
+        self.memoize(obj)
+    dispatch[str] = dispatch[bytes] = save_py2_str
+
+
 def write_cifar10(folder, per_batch=20):
-    """Small CIFAR-10 python-version pickles in the real on-disk format."""
+    """Small CIFAR-10 python-version pickles in the real on-disk format (Python 2 pickles, protocol 2)."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-             b"labels": [i % 10 for i in range(per_batch)], b"batch_label": name.encode()}
+        d = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+             "labels": [i % 10 for i in range(per_batch)], "batch_label": name}
         with open(folder / name, "wb") as f:
-            pickle.dump(d, f)
+            Py2Pickler(f, protocol=2).dump(d)
 
 
 def test_cifar10_loader_reads_the_pickled_format(tmp_path):
@@ -509,17 +523,76 @@ def test_missing_cifar_says_where_to_put_it(tmp_path):
 
 
 def test_bundled_fashion_mnist_verifies_and_matches_known_statistics():
-    tx, ty, vx, vy, k = common.load_fmnist(common.ROOT / "data" / "fashion-mnist")
+    tx, ty, vx, vy, k = common.load_fmnist(common.ROOT / "data")
     assert tx.shape == (60000, 1, 28, 28) and vx.shape == (10000, 1, 28, 28)
     assert np.bincount(ty).tolist() == [6000] * 10
     assert tx.mean() / 255 == pytest.approx(0.2860, abs=1e-4)
 
 
+def read_idx_gz(path):
+    """The reader load_fmnist had before torchvision's layout: gzip, the IDX header, the uint8 data."""
+    raw = gzip.open(path).read()
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(raw[3])]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3]).reshape(shape)
+
+
+def test_torchvision_reads_the_bundled_fashion_mnist_and_gets_our_bytes(tmp_path):
+    import shutil
+    from torchvision.datasets import FashionMNIST
+    raw = tmp_path / "FashionMNIST" / "raw"               # a fresh clone's data folder: the four .gz files only
+    shutil.copytree(common.ROOT / "data" / "FashionMNIST" / "raw", raw, ignore=shutil.ignore_patterns("*-ubyte"))
+    with pytest.raises(RuntimeError, match="Dataset not found"):
+        FashionMNIST(tmp_path, download=False)
+    tx, ty, vx, vy, k = common.load_fmnist(str(tmp_path))          # a str root, as torchvision takes it
+    for got, name in ((tx[:, 0], "train-images-idx3-ubyte"), (ty, "train-labels-idx1-ubyte"),
+                      (vx[:, 0], "t10k-images-idx3-ubyte"), (vy, "t10k-labels-idx1-ubyte")):
+        want = read_idx_gz(raw / f"{name}.gz")
+        assert got.dtype == want.dtype == np.uint8 and got.tobytes() == want.tobytes(), name   # the same bytes
+    assert tx.flags.writeable and ty.flags.writeable     # torch.from_numpy takes them without a warning
+    for train, x, y in ((True, tx, ty), (False, vx, vy)):    # load_fmnist unpacked them for torchvision's reader
+        ds = FashionMNIST(tmp_path, train=train, download=False)
+        assert ds.data.numpy().tobytes() == x[:, 0].tobytes() and ds.targets.numpy().tolist() == y.tolist()
+
+
+def test_a_torchvision_download_passes_the_same_check(tmp_path):
+    """torchvision's download keeps upstream's .gz (a file name in its header: other bytes, other MD5) beside
+    the unpacked files; the check is on the content, so that root loads the same arrays."""
+    import shutil
+    ours = common.load_fmnist(common.ROOT / "data")
+    shutil.copytree(common.ROOT / "data" / "FashionMNIST" / "raw", tmp_path, ignore=shutil.ignore_patterns("*.gz"),
+                    dirs_exist_ok=True)
+    name = "t10k-labels-idx1-ubyte"
+    with open(tmp_path / name, "rb") as src, gzip.GzipFile(tmp_path / f"{name}.gz", "wb", mtime=1) as dst:
+        dst.write(src.read())                            # GzipFile records the file name, as upstream's have
+    (tmp_path / name).unlink()
+    assert (tmp_path / f"{name}.gz").read_bytes() != (common.ROOT / "data/FashionMNIST/raw" / f"{name}.gz").read_bytes()
+    theirs = common.load_fmnist(tmp_path)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(ours[:4], theirs[:4]))
+
+
 def test_corrupted_fashion_mnist_is_refused(tmp_path):
     for name in common.FMNIST_SHA256:
-        (tmp_path / name).write_bytes(gzip.compress(b"not the file"))
-    with pytest.raises(common.UserError, match="SHA-256"):
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress(b"not the file"))
+    with pytest.raises(common.UserError, match="does not match its recorded SHA-256"):
         common.load_fmnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(common.UserError, match="train-images-idx3-ubyte.gz is not a readable .gz"):
+        common.load_fmnist(tmp_path)
+    with pytest.raises(common.UserError, match=r"missing \(the repository ships the four files in data/FashionMNIST/raw/"):
+        common.load_fmnist(tmp_path / "nowhere")
+
+
+def test_cifar10_loader_reads_what_torchvisions_cifar10_reads(tmp_path, monkeypatch):
+    """Our reader and torchvision's CIFAR10(root) take the same folder and give the same images (ours N x C x H x W,
+    torchvision's N x H x W x C) and labels; torchvision's MD5 check is switched off for the small test files."""
+    from torchvision.datasets import CIFAR10
+    write_cifar10(tmp_path / "cifar-10-batches-py")
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(CIFAR10, "_load_meta", lambda self: None)       # batches.meta: the class names only
+    tx, ty, vx, vy, k = common.load_cifar("cifar10", tmp_path)
+    for train, x, y in ((True, tx, ty), (False, vx, vy)):
+        ds = CIFAR10(str(tmp_path), train=train, download=False)
+        assert np.array_equal(ds.data, x.transpose(0, 2, 3, 1)) and ds.targets == y.tolist()
 
 
 # --- command line ----------------------------------------------------------------------------
