@@ -357,6 +357,11 @@ def _bool(s: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 DATASETS = ("fmnist", "cifar10", "cifar100")
+# torchvision's layout: torchvision.datasets.FashionMNIST(root) reads root/FashionMNIST/raw/, so does load_fmnist
+FMNIST_FOLDER = Path("FashionMNIST") / "raw"
+# SHA-256 of each IDX file's content (unpacked). The bundled .gz files (Debian's dataset-fashion-mnist, packed
+# without a file name in the header) and upstream's or torchvision's download (other .gz bytes: different
+# MD5) unpack to the same content, so a torchvision root passes the same check.
 FMNIST_SHA256 = {
     "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
     "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
@@ -371,11 +376,6 @@ STATS = {  # per-channel mean/std of the training split, on [0, 1] pixels
 CLASS_NAMES = {    # for plots; CIFAR-100's 100 classes are shown by number
     "fmnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-# torchvision's layout: torchvision.datasets.FashionMNIST(root) reads root/FashionMNIST/raw/, so does load_fmnist
-FMNIST_FOLDER = Path("FashionMNIST") / "raw"
-# SHA-256 of each IDX file's content (unpacked). The bundled .gz files (Debian's dataset-fashion-mnist, packed
-# without a file name in the header) and upstream's or torchvision's download (other .gz bytes: different
-# MD5) unpack to the same content, so a torchvision root passes the same check.
 }
 
 
