@@ -121,6 +121,13 @@ class RunArgs:
 
     PAPER: ClassVar[dict] = {}
 
+    # The values a text flag accepts: check() refuses others and --help's usage line lists them. A method
+    # with text flags of its own extends it: CHOICES = {**common.RunArgs.CHOICES, "topology": TOPOLOGIES}.
+    CHOICES: ClassVar[dict] = dict(dataset=("fmnist", "cifar10", "cifar100"), encoder=("cnn", "resnet18"),
+                                   norm=("bn", "gn", "gnws"), partition=("iid", "dirichlet", "classes", "skew"),
+                                   optimizer=("adam", "sgd"), device=("auto", "cpu", "cuda"),
+                                   preset=("default", "paper"))
+
     MIN_CLIENT_IMAGES: ClassVar[int] = 2      # a training step needs 2 images (BatchNorm, contrastive pairs)
 
     TORCHRUN: ClassVar[bool] = False          # True in a method whose round loop runs under torchrun (see distributed.py)
@@ -128,10 +135,7 @@ class RunArgs:
     def check(self):
         """Refuse settings that cannot run; method Args extend this and call super().check()."""
         check_fields(self)
-        choices = dict(dataset=DATASETS, encoder=("cnn", "resnet18"), norm=("bn", "gn", "gnws"),
-                       partition=("iid", "dirichlet", "classes", "skew"), optimizer=("adam", "sgd"),
-                       device=("auto", "cpu", "cuda"), preset=("default", "paper"))
-        for name, allowed in choices.items():
+        for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         for name in ("clients", "rounds", "local_epochs", "batch_size", "eval_every", "classes_per_client", "width"):
@@ -276,17 +280,25 @@ def parse_args(cls, argv=None, script: str | None = None):
     """Build argparse from the Args dataclass; apply --preset paper (cls.PAPER) and any boolean switch
     with a preset (cls.SWITCH_PRESETS, e.g. {"quick": {...}}), then the flags actually given.
     With --resume the flags come from the run folder's config.json (written by `script`)."""
-    docs = _field_docs(cls)
-    p = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+    docs, choices, paper = _field_docs(cls), getattr(cls, "CHOICES", {}), getattr(cls, "PAPER", {})
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    preset.add_argument("--preset")
+    shown = "paper" if vars(preset.parse_known_args(argv)[0]).get("preset") == "paper" and paper else ""
+    p = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0] +
+                (" (--help shows --preset paper's values as the defaults)" if shown else ""),
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        flag, default, help_ = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), docs.get(f.name, "")
-        help_ += f" (default: {default})" if default != "" else ""
-        if isinstance(default, bool):      # `--featarc` alone means `--featarc true`
+    base = cls()
+    for f in dataclasses.fields(cls):      # with --preset paper, --help shows the values the run would take
+        flag, help_ = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
+        default = paper[f.name] if shown and f.name in paper else getattr(base, f.name)
+        if default != "":
+            help_ += f" (default: {default}{', from --preset paper' if shown and f.name in paper else ''})"
+        if isinstance(getattr(base, f.name), bool):      # `--featarc` alone means `--featarc true`
             p.add_argument(flag, type=_bool, nargs="?", const=True, metavar="{true,false}", help=help_)
         else:
-            p.add_argument(flag, type=type(default), help=help_)
+            metavar = "{" + ",".join(choices[f.name]) + "}" if f.name in choices else None
+            p.add_argument(flag, type=type(getattr(base, f.name)), metavar=metavar, help=help_)
     given = vars(p.parse_args(argv))
     if given.get("resume"):
         args = cls(**{**_saved_args(cls, Path(given["resume"]), script), "resume": given["resume"]})

@@ -138,6 +138,8 @@ class Args(common.RunArgs):
     bn_reestimate: bool = False
     """recompute BatchNorm statistics on the training set before the final evaluation"""
 
+    CHOICES: ClassVar[dict] = {**common.RunArgs.CHOICES, "ssl": ("simclr", "simsiam", "byol", "moco"),
+                               "target": ("average", "reset")}
     TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="dirichlet",
                                  alpha=0.1, rounds=10, local_epochs=50, batch_size=256, optimizer="adam",
@@ -146,9 +148,6 @@ class Args(common.RunArgs):
 
     def check(self):
         super().check()
-        for name, allowed in dict(ssl=("simclr", "simsiam", "byol", "moco"), target=("average", "reset")).items():
-            if getattr(self, name) not in allowed:
-                common.fail(f"--{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         for name in ("tau", "moco_tau", "hidden_dim", "clusters"):
             if getattr(self, name) <= 0:
                 common.fail(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")

@@ -101,6 +101,8 @@ class Args(common.RunArgs):
     sweep_seeds: int = 1
     """seeds per configuration in --sweep (mean and std over them)"""
 
+    CHOICES: ClassVar[dict] = {**common.RunArgs.CHOICES, "loss": ("contrastive", "noncontrastive", "both"),
+                               "cluster_loss": ("contrastive", "noncontrastive")}
     TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="classes",
                                  classes_per_client=2, rounds=100, cluster_rounds=50, local_epochs=5,
@@ -109,11 +111,6 @@ class Args(common.RunArgs):
 
     def check(self):
         super().check()
-        for name, allowed in (("loss", ("contrastive", "noncontrastive", "both")),
-                              ("cluster_loss", ("contrastive", "noncontrastive"))):
-            if getattr(self, name) not in allowed:
-                common.fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
-                            f"(got {getattr(self, name)!r})")
         if not -1 <= self.cluster_rounds <= self.rounds:
             common.fail(f"--cluster-rounds must be -1 (half) or in 0..{self.rounds} (--rounds) "
                         f"(got {self.cluster_rounds})")

@@ -65,7 +65,10 @@ class Args(common.RunArgs):
     """expected number of neighbours of a client in --topology random"""
     gossip_steps: int = 1
     """gossip steps (X <- W X, one exchange with every neighbour each) after every round of local epochs"""
+    participation: float = 1.0
+    """must be 1.0 here: every client gossips every round (no server samples clients)"""
 
+    CHOICES: ClassVar[dict] = {**common.RunArgs.CHOICES, "topology": TOPOLOGIES}
     TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="classes",
                                  classes_per_client=2, rounds=100, local_epochs=5, batch_size=128,
@@ -78,8 +81,6 @@ class Args(common.RunArgs):
             common.fail(f"--tau must be > 0 (got {self.tau})")
         if self.proj_dim < 1:
             common.fail(f"--proj-dim must be at least 1 (got {self.proj_dim})")
-        if self.topology not in TOPOLOGIES:
-            common.fail(f"--topology must be one of {', '.join(TOPOLOGIES)} (got {self.topology!r})")
         if self.gossip_steps < 1:
             common.fail(f"--gossip-steps must be at least 1 (got {self.gossip_steps}); --topology none trains locally")
         if self.participation < 1:

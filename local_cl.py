@@ -38,6 +38,8 @@ class Args(common.RunArgs):
     """output size of the projection head"""
     crop_min: float = 0.5
     """smallest crop area; fedavg_cl.py's holdout-chosen 0.5, so that local vs FedAvg differ only by the server"""
+    participation: float = 1.0
+    """must be 1.0 here: every client trains every round (no server samples clients)"""
 
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="classes",
                                  classes_per_client=2, rounds=100, local_epochs=5, batch_size=128,

@@ -119,6 +119,7 @@ class Args(common.RunArgs):
     nm_local: bool = True
     """the neighbour set N is Q_r AND the local queue Q_l (false: Q_r only)"""
 
+    CHOICES: ClassVar[dict] = {**common.RunArgs.CHOICES, "nm_form": ("entropy", "fcl")}
     TORCHRUN: ClassVar[bool] = True       # runs under torchrun: clients spread over processes (see distributed.py)
     PAPER: ClassVar[dict] = dict(dataset="cifar10", encoder="resnet18", clients=5, partition="iid",
                                  rounds=100, local_epochs=5, batch_size=256, optimizer="sgd", lr=0.06,
@@ -139,8 +140,6 @@ class Args(common.RunArgs):
                         f"(got {self.remote_features}, {self.remote_bank})")
         if self.nm_weight < 0 or self.tau_nm <= 0:
             common.fail(f"--nm-weight must be >= 0 and --tau-nm > 0 (got {self.nm_weight}, {self.tau_nm})")
-        if self.nm_form not in ("entropy", "fcl"):
-            common.fail(f"--nm-form must be one of entropy, fcl (got {self.nm_form!r})")
         if self.nm_topk < 1:
             common.fail(f"--nm-topk must be at least 1 (got {self.nm_topk})")
         if not 0 <= self.nm_warmup <= 1:

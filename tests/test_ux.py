@@ -1,5 +1,6 @@
 """What a user sees: load_encoder, features.png with alignment/uniformity, curves.png, partition.png,
 the console's diagnostics and closing lines, and the bundled data found from any working directory."""
+import dataclasses
 import itertools
 import json
 import math
@@ -12,7 +13,13 @@ import pytest
 import torch
 
 import common
+import dec_ssl
+import fed_cluster
+import fedavg_cl
+import gossip_cl
+import local_cl
 import mocosfl
+import neighborhood_match
 from conftest import ROOT, TINY, assert_complete_run, assert_encoder_reproduces, run_script
 
 
@@ -118,6 +125,47 @@ def test_format_metrics_is_short():
     line = common.format_metrics({"fn_ratio_local": 0.498765, "model_bytes_up": 123456.0, "assign": [0, 1, -1] * 5,
                                   "lr": 1e-3})
     assert line == "fn_ratio_local 0.4988  model_bytes_up 123456  assign [0, 1, -1, 0, 1, -1, 0, 1, -1, 0, ...]  lr 0.001"
+
+
+# --- --help ----------------------------------------------------------------------------------------
+
+def help_text(module, *argv, capsys) -> str:
+    """What `python module.py ARGV --help` prints, with argparse's line wrapping undone."""
+    with pytest.raises(SystemExit) as stop:
+        common.parse_args(module.Args, [*argv, "--help"])
+    assert stop.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_with_preset_paper_shows_the_values_the_run_would_take(capsys):
+    plain, paper = help_text(fedavg_cl, capsys=capsys), help_text(fedavg_cl, "--preset", "paper", capsys=capsys)
+    assert "communication rounds (default: 20)" in plain and "from --preset paper" not in plain
+    assert "communication rounds (default: 100, from --preset paper)" in paper
+    assert "client learning rate (default: 0.032, from --preset paper)" in paper
+    assert "--dataset {fmnist,cifar10,cifar100} fmnist (bundled) | cifar10 | cifar100 (default: cifar10, from" in paper
+    assert "(--help shows --preset paper's values as the defaults)" in paper
+    assert "--seed SEED seed for partition, initialisation, augmentation and sampling (default: 0)" in paper
+
+
+TEXT_FLAGS = [(m, f) for m in (fedavg_cl, local_cl, gossip_cl, neighborhood_match, fed_cluster, dec_ssl, mocosfl)
+              for f in dataclasses.fields(m.Args) if f.type in ("str", str) and " | " in common._field_docs(m.Args)[f.name]]
+
+
+@pytest.mark.parametrize("module, field", TEXT_FLAGS, ids=lambda v: getattr(v, "name", getattr(v, "__name__", "")))
+def test_usage_lists_the_values_of_every_text_flag_and_check_accepts_only_those(module, field, capsys):
+    values = module.Args.CHOICES[field.name]
+    usage = help_text(module, capsys=capsys).split(" options: ")[0]
+    flag = "--" + field.name.replace("_", "-")
+    assert f"[{flag} {{{','.join(values)}}}]" in usage
+    with pytest.raises(common.UserError, match=f"{flag} must be one of {', '.join(values)} \\(got 'nope'\\)"):
+        module.Args(**{field.name: "nope"}).check()
+
+
+@pytest.mark.parametrize("module", [local_cl, gossip_cl])
+def test_a_flag_a_method_refuses_says_so_in_its_help(module, capsys):
+    assert "--participation PARTICIPATION must be 1.0 here" in help_text(module, capsys=capsys)
+    with pytest.raises(common.UserError, match="--participation"):
+        module.Args(participation=0.5).check()
 
 
 # --- data found from anywhere; a user's relative path stays relative ---------------------------------
