@@ -1197,17 +1197,20 @@ def paste_into_readme(readme: Path, root: Path = ROOT):
 
 
 def plan(cells: list, store: Path, status: Status, sources: list, device: str) -> dict:
-    """state[cell] = done / stale / missing. A finished run folder (in OUT/runs or a --collect source) whose
-    launch saw today's code is collected into `store` first (then done); one that saw other code is set
-    aside (renamed *.stale-<time>) so that the cell runs again."""
+    """state[cell] = done / stale / missing. A finished run folder (in OUT/runs or a --collect source) of a cell
+    that is not done is collected into `store` with the fingerprint of the code it ran (a missing cell always; a
+    stale one when the run is of today's code), then judged like any committed cell: so a run of older code
+    waits, stale, for `--restamp`. A finished or interrupted run of other code in OUT/runs is set aside (renamed
+    *.stale-<time>) so that the cell runs again instead of resuming it."""
     state = {}
     for cell in cells:
         state[cell] = status(cell)
         if state[cell] == "done":
             continue
+        now = status.fid(cell.flags[0])
         partial, (fp, _) = cell.run_folder(complete=False), launch_fingerprint(cell)
         if partial is not None and cell.run_folder() is None and fp is not None and not \
-                current(fingerprint_id(fp), status.fid(cell.flags[0]), status.equiv):
+                current(fingerprint_id(fp), now, status.equiv):
             cell.dir.rename(cell.dir.with_name(cell.tag + time.strftime(".stale-%Y%m%d-%H%M%S")))   # not resumed
             continue                                                                          # on other code
         for src in [cell, *(dataclasses.replace(cell, dir=d) for d in sources.get(" ".join(identity(cell.flags)), []))]:
@@ -1218,11 +1221,13 @@ def plan(cells: list, store: Path, status: Status, sources: list, device: str) -
             commit = json.loads((folder / "config.json").read_text()).get("git_commit")
             if fp is None and commit and not (src.dir / "fingerprint.json").is_file():   # a run of an older compare.py
                 fp, how = code_fingerprint(cell.flags[0], git_reader(commit)), f"git commit {commit[:7]} (config.json)"
-            if fp is not None and current(fingerprint_id(fp), status.fid(cell.flags[0]), status.equiv):
+            fresh = fp is not None and current(fingerprint_id(fp), now, status.equiv)
+            if fp is not None and (state[cell] == "missing" or fresh):
                 collect(store, cell, folder, fp, device, how)
-                state[cell] = "done"
+                state[cell] = status(cell)
+            if state[cell] == "done":
                 break
-            if src is cell:
+            if src is cell:                          # of other code: this folder is not resumed, the cell runs again
                 cell.dir.rename(cell.dir.with_name(cell.tag + time.strftime(".stale-%Y%m%d-%H%M%S")))
     return state
 
@@ -1270,8 +1275,8 @@ def row_lines(cells: list, state: dict) -> list:
     for (key, setting), group in groups.items():
         n = {k: sum(state[c] == k for c in group) for k in ("done", "stale", "missing")}
         todo = n["stale"] + n["missing"]
-        what = "nothing to run" if not todo else f"{todo} to run" + (f" ({n['stale']} stale: code changed)"
-                                                                     if n["stale"] else "")
+        what = "nothing to run" if not todo else f"{todo} to run" + (
+            f" ({n['stale']} stale: code changed; --restamp keeps those it proves unchanged)" if n["stale"] else "")
         lines.append(f"  {key} [{setting}]: {len(group)} cells, {n['done']} committed, {what}")
     return lines
 

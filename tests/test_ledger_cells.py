@@ -112,7 +112,7 @@ def test_a_finished_run_is_collected_and_goes_stale_when_its_code_changes(tmp_pa
     state = compare.plan([cell], out / "cells", status, {}, "CPU test")
     assert state[cell] == "stale" and not cell.dir.exists() and list(cell.dir.parent.glob(cell.tag + ".stale-*"))
     assert compare.row_lines([cell], state) == ["  fedavg_cl [default]: 1 cells, 0 committed, 1 to run (1 stale: "
-                                                "code changed)"]
+                                                "code changed; --restamp keeps those it proves unchanged)"]
     # a refactor proven bit-identical (equivalent.json) keeps it
     new = compare.fingerprint_id({**fp, "common.py": "changed"})
     monkeypatch.setattr(compare, "EQUIVALENT", tmp_path / "equivalent.json")
@@ -150,12 +150,11 @@ def test_collect_takes_runs_of_an_older_compare_from_another_folder_by_their_com
     status = compare.Status([out / "cells"])
     want = compare.code_fingerprint("fedavg_cl.py", compare.git_reader(head))
     state = compare.plan([cell], out / "cells", status, index, "CPU")
-    if compare.fingerprint_id(want) == status.fid("fedavg_cl.py"):     # HEAD's code is the working tree's
-        assert state[cell] == "done"
-        rec = json.loads((out / "cells" / "fedavg_cl" / cell.tag / "cell.json").read_text())
-        assert rec["knn_acc"] == 0.66 and rec["fingerprint_from"].startswith("git commit " + head[:7])
-    else:
-        assert state[cell] == "missing"
+    # collected with the code of its commit; done when that is today's code, else stale (it waits for --restamp)
+    assert state[cell] == ("done" if compare.fingerprint_id(want) == status.fid("fedavg_cl.py") else "stale")
+    rec = json.loads((out / "cells" / "fedavg_cl" / cell.tag / "cell.json").read_text())
+    assert rec["knn_acc"] == 0.66 and rec["fingerprint_from"].startswith("git commit " + head[:7])
+    assert rec["fingerprint"] == want and (other / "runs" / "fedavg_cl" / "iid-s0-0ldta9").is_dir()   # left alone
 
 
 def test_dry_run_lists_every_row_and_runs_nothing(tmp_path, capsys):
