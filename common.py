@@ -23,6 +23,8 @@ import math
 import os
 import pickle
 import platform
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -1148,6 +1150,21 @@ def refuse(msg: str, code: int = 2):
     sys.exit(code)
 
 
+def shell_command(script: str, *args) -> str:
+    """The command that runs `script` (a file of this repository) with `args`, to be typed in this shell as
+    printed: `python` when that is this interpreter (an activated .venv), else this interpreter's path
+    (.venv/bin/python after `make run`); the script's path when the working directory is another folder."""
+    def typed(path, program=False):          # relative inside the working directory, else absolute
+        rel = os.path.relpath(path)
+        if rel.startswith(".."):
+            return os.path.abspath(path)
+        return "./" + rel if program and os.sep not in rel else rel      # a bare name would be looked up in PATH
+    on_path = shutil.which("python")         # compare folders, not files: a venv's python is a symlink
+    same = on_path is not None and os.path.dirname(os.path.abspath(on_path)) == os.path.dirname(sys.executable)
+    return shlex.join(["python" if same else typed(sys.executable, program=True), typed(ROOT / script),
+                       *map(str, args)])
+
+
 _fresh_dir: Path | None = None      # the run folder this process created, until its first checkpoint
 
 
@@ -1228,7 +1245,7 @@ class Run:
             if os.environ.get("RANK", "0") != "0":
                 sys.exit(2)                 # the line below is printed once, by process 0
             fail(f"{script}.py is not distributed yet (its docstring says why); run it as one process: "
-                 f"python {script}.py ...")
+                 f"{shell_command(script + '.py')} ...")
         self.device = _pick_device(args.device)
         self.world = distributed.World(self.device)     # one process, or this process's place under torchrun
         self.main = self.world.rank == 0                # the process that writes the run folder and prints
@@ -1401,7 +1418,7 @@ class Run:
                 print(f"\ninterrupted before the first checkpoint: nothing was saved{_remove_fresh_dir()}",
                       file=sys.stderr, flush=True)
             else:
-                print(f"\ninterrupted; resume with: python {self.script}.py --resume {self.dir}",
+                print(f"\ninterrupted; resume with: {shell_command(self.script + '.py', '--resume', self.dir)}",
                       file=sys.stderr, flush=True)
             if self.lock is not None:
                 self.lock.release()      # os._exit skips atexit
@@ -1414,7 +1431,7 @@ class Run:
         --resume skips the rounds and runs the evaluation again."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"\ninterrupted during the final evaluation (all {self.args.rounds} rounds are saved); finish it "
-              f"with: python {self.script}.py --resume {self.dir}", file=sys.stderr, flush=True)
+              f"with: {shell_command(self.script + '.py', '--resume', self.dir)}", file=sys.stderr, flush=True)
         sys.exit(130)
 
     def is_eval_round(self, rnd: int) -> bool:
@@ -1457,8 +1474,8 @@ class Run:
         stop = self.world.any(self._interrupted)     # torchrun: all stop after the same round (a Ctrl-C that
         self._save(rnd)                               # lands during this exchange counts at the next round)
         if stop:
-            self.say(f"interrupted after round {rnd}; resume with: python {self.script}.py --resume {self.dir}",
-                     err=True)
+            self.say(f"interrupted after round {rnd}; resume with: "
+                     f"{shell_command(self.script + '.py', '--resume', self.dir)}", err=True)
             sys.exit(130)
 
     def timed_eval(self, fn, *a, **kw):

@@ -4,7 +4,11 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +24,7 @@ import gossip_cl
 import local_cl
 import mocosfl
 import neighborhood_match
-from conftest import ROOT, TINY, assert_complete_run, assert_encoder_reproduces, run_script
+from conftest import ROOT, SMALL, TINY, assert_complete_run, assert_encoder_reproduces, run_script
 
 
 # --- alignment, uniformity, PCA against brute-force references ------------------------------------
@@ -166,6 +170,55 @@ def test_a_flag_a_method_refuses_says_so_in_its_help(module, capsys):
     assert "--participation PARTICIPATION must be 1.0 here" in help_text(module, capsys=capsys)
     with pytest.raises(common.UserError, match="--participation"):
         module.Args(participation=0.5).check()
+
+
+# --- the commands a script prints run as typed -------------------------------------------------------
+
+def test_a_printed_command_names_the_interpreter_and_script_that_run_it(monkeypatch, tmp_path):
+    venv = str(ROOT / ".venv" / "bin" / "python")
+    monkeypatch.setattr(common.sys, "executable", venv)
+    monkeypatch.chdir(ROOT)
+    for on_path in (None, "/usr/bin/python"):      # after `make run`: no python on PATH, or one without torch
+        monkeypatch.setattr(common.shutil, "which", lambda name: on_path)
+        assert common.shell_command("fedavg_cl.py", "--resume", "runs/a b") == \
+            ".venv/bin/python fedavg_cl.py --resume 'runs/a b'"
+    monkeypatch.setattr(common.shutil, "which", lambda name: venv)        # after `source .venv/bin/activate`
+    assert common.shell_command("fedavg_cl.py", "--resume", "runs/x") == "python fedavg_cl.py --resume runs/x"
+    monkeypatch.chdir(tmp_path)                                           # started from another folder
+    assert common.shell_command("fedavg_cl.py") == shlex.join(["python", str(ROOT / "fedavg_cl.py")])
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)
+    assert common.shell_command("fedavg_cl.py") == shlex.join([venv, str(ROOT / "fedavg_cl.py")])
+
+
+def test_the_resume_command_printed_after_ctrl_c_runs_as_typed(tmp_path):
+    """From another folder, with a `python` on PATH that has no torch: the printed command finishes the run."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\necho 'this python has no torch' >&2\nexit 99\n")
+    (fake / "python").chmod(0o755)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {**os.environ, "PATH": f"{fake}:/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    child = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r}); sys.argv = [{str(ROOT / "fedavg_cl.py")!r}, *{SMALL!r}, "--out", "runs"]
+import common, fedavg_cl
+real = common.Run.two_views
+def ctrl_c_once(*a, **k):
+    if not getattr(ctrl_c_once, "done", False):
+        ctrl_c_once.done = True
+        os.kill(os.getpid(), signal.SIGINT)       # Ctrl-C in round 1: the round finishes, is saved, exit 130
+    return real(*a, **k)
+common.Run.two_views = ctrl_c_once
+fedavg_cl.main()
+"""
+    stopped = subprocess.run([sys.executable, "-c", child], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 130, stopped.stderr
+    hint = stopped.stderr.split("resume with: ")[1].splitlines()[0]
+    assert hint.startswith(shlex.join([sys.executable, str(ROOT / "fedavg_cl.py")]) + " --resume runs/fedavg_cl-")
+    resumed = subprocess.run(["bash", "-c", hint], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and next(cwd.glob("runs/*/summary.json")).is_file()
 
 
 # --- data found from anywhere; a user's relative path stays relative ---------------------------------
