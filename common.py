@@ -1289,7 +1289,9 @@ class Run:
         self._eval_s = 0.0
         self._state = None
         procs = f", {self.world.size} processes (torchrun)" if self.world.size > 1 else ""
-        self.say(f"{script}: {args.dataset} ({len(labels)} train / {len(self.data.test_y)} test images), "
+        queries = (f"{len(self.data.test_y)} validation images held out of the training set (--holdout; the "
+                   f"test set is not used)" if args.holdout else f"{len(self.data.test_y)} test images")
+        self.say(f"{script}: {args.dataset} ({len(labels)} train / {queries}), "
                  f"{args.clients} clients, partition {args.partition}, device {self.device}{procs}; "
                  f"run folder {self.dir}")
 
@@ -1587,6 +1589,9 @@ class Run:
                    "wall_s": self.elapsed0 + time.time() - self._t0, "rounds": self.args.rounds,
                    **{k: _num(v) if not isinstance(v, (dict, list, str)) else v for k, v in extra.items()},
                    "complete": not self.incomplete}
+        if self.args.holdout:         # the accuracies above are validation numbers, not test numbers
+            summary["eval_split"] = (f"validation: {len(self.data.test_y)} training images held out by --holdout "
+                                     f"{self.args.holdout}; the test set was not used")
         if self.incomplete:
             summary["incomplete"] = "; ".join(self.incomplete)
         trained = [encoder] if encoder is not None else list(encoders or [])
@@ -1597,6 +1602,9 @@ class Run:
         _write_json(self.dir / "summary.json", summary)
         for line in final_report(results, rand):
             print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+        if self.args.holdout:
+            print(f"(accuracies on the {len(self.data.test_y)} validation images of --holdout, not on the test set)",
+                  flush=True)
         print(f"run folder: {self.dir}", flush=True)
         if self.incomplete:
             refuse(f"the run is not complete: {summary['incomplete']}", code=1)

@@ -24,7 +24,7 @@ import gossip_cl
 import local_cl
 import mocosfl
 import neighborhood_match
-from conftest import ROOT, SMALL, TINY, assert_complete_run, assert_encoder_reproduces, run_script
+from conftest import ROOT, SMALL, TINY, assert_complete_run, assert_encoder_reproduces, run_in_process, run_script
 
 
 # --- alignment, uniformity, PCA against brute-force references ------------------------------------
@@ -170,6 +170,20 @@ def test_a_flag_a_method_refuses_says_so_in_its_help(module, capsys):
     assert "--participation PARTICIPATION must be 1.0 here" in help_text(module, capsys=capsys)
     with pytest.raises(common.UserError, match="--participation"):
         module.Args(participation=0.5).check()
+
+
+def test_a_holdout_run_says_its_queries_are_validation_images(tmp_path, monkeypatch, capsys):
+    folder = run_in_process(fedavg_cl, *SMALL, "--holdout", "100", out=tmp_path, monkeypatch=monkeypatch)
+    printed = capsys.readouterr().out
+    assert "200 train / 100 validation images held out of the training set (--holdout; the test set is not used)" \
+        in printed and "test images" not in printed
+    assert "(accuracies on the 100 validation images of --holdout, not on the test set)" in printed
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["eval_split"] == ("validation: 100 training images held out by --holdout 100; "
+                                     "the test set was not used")
+    plain = run_in_process(fedavg_cl, *SMALL, out=tmp_path / "plain", monkeypatch=monkeypatch)
+    assert "eval_split" not in json.loads((plain / "summary.json").read_text())     # test-set runs: as before
+    assert "200 train / 100 test images" in capsys.readouterr().out
 
 
 # --- the commands a script prints run as typed -------------------------------------------------------
