@@ -385,13 +385,58 @@ def ff_loss_cases():
 # Exercise 5: MoCo's queue update (FIFO ring buffer)  -- reference feature_fusion.enqueue
 # ----------------------------------------------------------------------------------------------
 
+class OneWritePerRow(torch.overrides.TorchFunctionMode):
+    """Refuses an indexed write that names a row twice. With repeated indices, `x[rows] = v` (index_put_)
+    and index_copy_ leave undefined which value lands in the row (PyTorch's documentation): the last one
+    wins on the CPU today, so a wrong solution would pass by luck, but need not on a GPU."""
+
+    WRITES = {torch.Tensor.__setitem__, torch.Tensor.index_put_, torch.Tensor.index_put, torch.index_put,
+              torch.Tensor.index_copy_, torch.Tensor.index_copy, torch.index_copy}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.WRITES:
+            rows = self.rows(func, args, kwargs)
+            if rows is not None and len(set(rows)) < len(rows):
+                twice = sorted({r for r in rows if rows.count(r) > 1})
+                raise Wrong(f"one indexed write names row(s) {twice[:4]} more than once (e.g. queue[rows] = keys "
+                            f"with B > K): for repeated indices PyTorch leaves undefined which value lands there "
+                            f"(the last one need not win, e.g. on a GPU); write each row once: the last K keys")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def rows(func, args, kwargs) -> list | None:
+        """The (tuples of) indices a write names, negative ones wrapped; None for writes without index tensors."""
+        target = args[0]
+        if func is torch.Tensor.__setitem__:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            accumulate = False
+        elif func in (torch.Tensor.index_copy_, torch.Tensor.index_copy, torch.index_copy):
+            dim, index = args[1] if len(args) > 1 else kwargs["dim"], args[2] if len(args) > 2 else kwargs["index"]
+            index, accumulate = (slice(None),) * (dim % max(target.dim(), 1)) + (index,), False
+        else:
+            index = tuple(args[1] if len(args) > 1 else kwargs["indices"])
+            accumulate = (args[3] if len(args) > 3 else kwargs.get("accumulate", False))
+        if accumulate:                                  # index_put_(..., accumulate=True) adds: repeats are defined
+            return None
+        picks = [(d, torch.as_tensor(i)) for d, i in enumerate(index) if isinstance(i, (torch.Tensor, list))]
+        picks = [(d, i) for d, i in picks if i.dtype not in (torch.bool, torch.uint8)]     # masks cannot repeat
+        if not picks:
+            return None
+        wrapped = [(i % target.shape[d]).reshape(-1) if d < target.dim() and target.shape[d] else i.reshape(-1)
+                   for d, i in picks]
+        rows = list(zip(*[w.tolist() for w in torch.broadcast_tensors(*wrapped)]))
+        return [r[0] if len(r) == 1 else r for r in rows]
+
+
 def enqueue_cases():
     def observe(fn, queue, ptr, batches):
         ptrs = []
         for keys in batches:
             if keys.is_floating_point():
                 keys.requires_grad_()          # keys straight from an encoder: the queue must not keep the graph
-            new = fn(queue, ptr, keys)
+            with OneWritePerRow():             # repeated indices in one write: undefined, not "the last one wins"
+                new = fn(queue, ptr, keys)
             try:
                 ptr = operator.index(new)
             except TypeError:

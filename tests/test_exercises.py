@@ -382,6 +382,19 @@ def enqueue_first_k(queue, ptr, keys):
     return (ptr + len(keys)) % len(queue)
 
 
+def enqueue_repeated_rows(queue, ptr, keys):
+    """Writes all B keys at once: for B > K `rows` repeats rows, and which key lands there is undefined in
+    PyTorch (index_put_ with repeated indices), though the CPU happens to keep the last."""
+    rows = (ptr + torch.arange(len(keys))) % len(queue)
+    queue[rows] = keys.detach()
+    return (ptr + len(keys)) % len(queue)
+
+
+def enqueue_repeated_rows_index_copy(queue, ptr, keys):
+    queue.index_copy_(0, (ptr + torch.arange(len(keys))) % len(queue), keys.detach())
+    return (ptr + len(keys)) % len(queue)
+
+
 def test_enqueue_accepts_the_one_at_a_time_definition():
     ok, _, report = run_check("enqueue", enqueue_one_at_a_time)
     assert ok, report
@@ -393,9 +406,16 @@ def test_enqueue_accepts_the_one_at_a_time_definition():
     (enqueue_not_in_place, "one batch of 3 (no wrap)", "queue after the calls"),
     (enqueue_keeps_graph, "one batch of 3 (no wrap)", "requires_grad"),
     (enqueue_first_k, "B=6 > K", "queue after the calls"),
+    (enqueue_repeated_rows, "B=6 > K", "one indexed write names row(s) [1, 2] more than once"),
+    (enqueue_repeated_rows_index_copy, "B=6 > K", "one indexed write names row(s) [1, 2] more than once"),
 ])
 def test_enqueue_rejects(wrong, case, message):
     assert_rejected("enqueue", wrong, case, message)
+
+
+def test_enqueue_with_repeated_rows_fails_only_where_rows_repeat():
+    ok, failed, report = run_check("enqueue", enqueue_repeated_rows)
+    assert not ok and failed == ["K=4, ptr=1, B=6 > K: only the last 4 keys survive, as if written one at a time"], report
 
 
 # ----------------------------------------------------------------------------------------------
