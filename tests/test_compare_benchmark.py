@@ -222,7 +222,7 @@ def test_compare_end_to_end_then_resumes_without_rerunning(tmp_path):
     assert f"{n} cells, 0 already complete, {n} to run" in proc.stdout
     md = (out / "results.md").read_text()
     assert md.startswith("**Pipeline check") and "numbers check that the pipeline" in md.splitlines()[0]
-    assert "python compare.py " + " ".join(TINY_COMPARE) in md and "Device: CPU" in md
+    assert "python compare.py " + " ".join(TINY_COMPARE) in md and "Written on CPU" in md
     res = json.loads((out / "results.json").read_text())
     for metric, title in compare.METRICS.items():
         rows = table_numbers(md, "## " + title)
@@ -245,12 +245,17 @@ def test_compare_end_to_end_then_resumes_without_rerunning(tmp_path):
     ref = [p["indices"] for p in parts["fedavg_cl"]]
     assert all([p["indices"] for p in v] == ref for k, v in parts.items() if k != "centralized")
 
-    # the same command again runs nothing; a cell that lost its summary is resumed from its checkpoint
+    # every finished cell was taken into OUT/cells (a few KB each, never a checkpoint)
+    kept = sorted(p.parent.parent.name for p in (out / "cells").glob("*/*/cell.json"))
+    assert kept == sorted(iid_rows) and not list((out / "cells").glob("*/*/*.pt"))
+    # the same command again runs nothing; a cell that lost its summary (and was never kept) is resumed
     again = run("compare.py", *TINY_COMPARE, "--partitions", "iid", "--jobs", "2", "--out", out)
     assert again.returncode == 0 and f"{n} already complete, 0 to run" in again.stdout
     cell = next(c for c in res["cells"] if c["method"] == "fedavg_cl")
     folder = next((out / "runs" / "fedavg_cl").glob("iid-s0-*/fedavg_cl-*"))
     (folder / "summary.json").unlink()
+    import shutil
+    shutil.rmtree(next((out / "cells" / "fedavg_cl").glob("iid-s0-*")))
     third = run("compare.py", *TINY_COMPARE, "--partitions", "iid", "--jobs", "2", "--out", out)
     assert third.returncode == 0 and f"{n - 1} already complete, 1 to run" in third.stdout, third.stdout + third.stderr
     assert "--resume" in (folder.parent / "log.txt").read_text()
