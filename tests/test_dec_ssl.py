@@ -585,6 +585,65 @@ def test_weighted_and_first80_reach_the_round_loop(monkeypatch, tmp_path):
             assert torch.equal(v, calls[3]["entry"][k])
 
 
+@pytest.mark.parametrize("ssl", ["byol", "moco"])
+def test_each_view_is_predicted_from_the_other_views_target(ssl):
+    """ssl_step's loss pairs the online output of view 1 with the TARGET's output of view 2 and vice versa
+    (BYOL Eq. 2 symmetrised, MoCo's positive key); the keys it returns are the target's, normalised."""
+    torch.manual_seed(15)
+    x = torch.randn(8, 1, 28, 28)
+    v1, v2 = x + 0.1, x.flip(-1)
+    model = dec_ssl.SSLModel(dec_ssl.Args(ssl=ssl, hidden_dim=8), common.SmallCNN(1, width=8))
+    with torch.no_grad():                                                  # a target unlike the online net
+        for p in model.target.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    queue = F.normalize(torch.randn(5, model.out_dim), dim=1)
+    ref = copy.deepcopy(model)
+    both = torch.cat([v1, v2])
+    z1, z2 = ref.projector(ref.encoder(both)).chunk(2)
+    with torch.no_grad():
+        t1, t2 = ref.target(both).chunk(2)
+    if ssl == "byol":
+        p1, p2 = ref.predictor(torch.cat([z1, z2])).chunk(2)
+        want = (4 - 2 * F.cosine_similarity(p1, t2) - 2 * F.cosine_similarity(p2, t1)).mean()
+    else:
+        want = (common.info_nce(z1, t2, queue, 0.2) + common.info_nce(z2, t1, queue, 0.2)) / 2
+    loss, _, _, keys = dec_ssl.ssl_step(model, v1, v2, dec_ssl.Args(ssl=ssl, hidden_dim=8), queue)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    if ssl == "moco":
+        assert torch.allclose(keys, F.normalize(torch.cat([t1, t2]), dim=1), atol=1e-6)
+
+
+def test_moco_queue_keeps_the_newest_keys(monkeypatch):
+    """Queue of 2B keys: at every step after the first it holds exactly the previous step's keys."""
+    run, args, model = _moco_client(16)
+    args.queue_size = 16
+    run.batches = lambda idx: [idx[:8], idx[8:], idx[:8]]
+    queues, keys, real = [], [], dec_ssl.ssl_step
+
+    def spy(model_, v1, v2, args_, queue):
+        queues.append(queue.clone())
+        out = real(model_, v1, v2, args_, queue)
+        keys.append(out[3].clone())
+        return out
+    monkeypatch.setattr(dec_ssl, "ssl_step", spy)
+    dec_ssl.local_update(model, run, torch.arange(16), args, 1e-3)
+    assert [len(q) for q in queues] == [0, 16, 16]
+    assert torch.equal(queues[1], keys[0]) and torch.equal(queues[2], keys[1])
+
+
+def test_bn_reestimate_is_the_plain_average_over_the_training_set():
+    """After reestimate_bn the first BatchNorm's running mean is the per-channel mean of its input over all
+    training images (3 equal batches: the mean of the batch means), not a momentum average."""
+    torch.manual_seed(17)
+    run = _tiny_run(n=24)
+    enc = common.SmallCNN(1, width=8)
+    out = dec_ssl.reestimate_bn(enc, run, batch=8)
+    with torch.no_grad():
+        h = enc.net[0](run.augment.plain(run.data.train_x))               # the first conv's output
+    assert torch.allclose(out.net[1].running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert not out.training and enc.net[1].running_mean.abs().sum() == 0  # the input encoder is untouched
+
+
 def test_first80_is_off_by_default():
     assert dec_ssl.Args().first80 is False and dec_ssl.Args().featarc is False
 
