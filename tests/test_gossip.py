@@ -118,6 +118,11 @@ def test_empty_graph_leaves_every_model_unchanged():
     assert torch.equal(clients.x, x) and torch.equal(clients.counts, counts)
 
 
+def test_consensus_distance_is_the_mean_squared_distance_to_the_average():
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 3.0]])            # average (2, 1)
+    assert g.consensus_distance(x) == pytest.approx((5 + 1 + 8) / 3)   # (1/n) sum_i ||x_i - x_bar||^2
+
+
 def test_gossip_step_matches_a_loop_over_neighbours():
     x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     adj = g.graph(12, "random", 3, seed=4)
