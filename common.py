@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import textwrap
 import time
 import zlib
 from dataclasses import dataclass
@@ -1288,12 +1289,20 @@ class Run:
         self._t0 = self._t_round = time.time()
         self._eval_s = 0.0
         self._state = None
+        self.meanings, self._explained = dict(MEANINGS), False
         procs = f", {self.world.size} processes (torchrun)" if self.world.size > 1 else ""
         queries = (f"{len(self.data.test_y)} validation images held out of the training set (--holdout; the "
                    f"test set is not used)" if args.holdout else f"{len(self.data.test_y)} test images")
         self.say(f"{script}: {args.dataset} ({len(labels)} train / {queries}), "
                  f"{args.clients} clients, partition {args.partition}, device {self.device}{procs}; "
                  f"run folder {self.dir}")
+
+    def explain(self, loss: str = "", **keys: str):
+        """What the method's loss and its diagnostics keys mean: the loss at once (before round 1), the keys
+        under the first diagnostics line they appear in."""
+        if loss:
+            self.say(textwrap.fill(f"loss: {loss}", WIDTH, subsequent_indent="      "))
+        self.meanings.update(keys)
 
     def say(self, msg: str, err: bool = False):
         """Print once per run: on the main process only (under torchrun every process runs this code)."""
@@ -1472,7 +1481,12 @@ class Run:
                  f"elapsed {row['elapsed_s']:.0f}s  ETA {eta:.0f}s{knn}")
         diagnostics = {k: v for k, v in row.items() if k not in _ROUND_KEYS}
         if self.is_eval_round(rnd) and diagnostics:      # the method's own numbers, alignment, uniformity
-            self.say("  " + format_metrics(diagnostics))
+            self.say(textwrap.indent(format_metrics(diagnostics, width=WIDTH - 2), "  "))
+            told = [f"{k}: {self.meanings[k]}" for k in diagnostics if k in self.meanings]
+            if told and not self._explained:              # once a run: what the keys mean
+                self._explained = True
+                self.say(textwrap.fill("; ".join(told) + "; all of them, every round: metrics.jsonl", WIDTH,
+                                       initial_indent="  (", subsequent_indent="   ") + ")")
         stop = self.world.any(self._interrupted)     # torchrun: all stop after the same round (a Ctrl-C that
         self._save(rnd)                               # lands during this exchange counts at the next round)
         if stop:
@@ -1556,11 +1570,11 @@ class Run:
             return make_encoder(self.args, self.data.channels).to(self.device)
 
     def finish(self, encoder: nn.Module | None = None, results: dict | None = None,
-               encoders: list | None = None, encoders_per: str = "client", **extra):
+               encoders: list | None = None, encoders_per: str = "client", encoder_note: str = "", **extra):
         """Final evaluation, the random-encoder row, encoder.pt (the trained `encoder`, or the list
         `encoders` of a run with one per client / cluster), curves.png, features.png, and summary.json
         (written last). `results` (instead of an encoder): a dict with every key of evaluate(), e.g. a
-        mean over clients.
+        mean over clients; `encoder_note` then says in features.png's title which model `encoder` is.
         The summary is complete only if something trained and every headline metric
         is a number; otherwise it says why in `incomplete`, and the process ends with exit status 1.
         Under torchrun the main process does all of this; the others return None."""
@@ -1598,7 +1612,8 @@ class Run:
         self.save_encoders(trained, encoders_per)
         plot_curves(self.history, self.dir / "curves.png", self.title(), baseline=rand["knn_acc"])
         if trained:
-            self.plot_features(trained[0], "" if len(trained) == 1 else f" ({encoders_per} 0's encoder)")
+            self.plot_features(trained[0], f"\n{encoder_note}" if encoder_note else
+                               "" if len(trained) == 1 else f" ({encoders_per} 0's encoder)")
         _write_json(self.dir / "summary.json", summary)
         for line in final_report(results, rand):
             print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
@@ -1729,17 +1744,37 @@ class Run:
 
 
 _ROUND_KEYS = {"round", "loss", "images", "images_per_s", "elapsed_s", "knn_acc"}   # the round line itself
+WIDTH = 100                  # console lines of diagnostics are wrapped at this many characters
 
 
-def format_metrics(metrics: dict) -> str:
-    """`name value` pairs for the console: 4 significant digits, whole numbers as integers, lists cut at 10."""
-    def fmt(v):
+def format_metrics(metrics: dict, width: int | None = None) -> str:
+    """`name value` pairs for the console: 4 significant digits, whole numbers as integers, byte counts in
+    MiB, lists cut at 10; with `width`, lines of at most that many characters (a pair is never split)."""
+    def fmt(k, v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and "bytes" in k:
+            return f"{v / 2 ** 20:.3g} MiB"
         if isinstance(v, float):
             return str(int(v)) if v.is_integer() and abs(v) < 1e9 else f"{v:.4g}"
         if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(fmt(_num(x)) for x in v[:10]) + (", ..." if len(v) > 10 else "") + "]"
+            return "[" + ", ".join(fmt("", _num(x)) for x in v[:10]) + (", ..." if len(v) > 10 else "") + "]"
         return str(v)
-    return "  ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
+    lines = [""]
+    for pair in (f"{k} {fmt(k, v)}" for k, v in metrics.items()):
+        sep = "  " if lines[-1] else ""
+        if width and lines[-1] and len(lines[-1]) + len(sep) + len(pair) > width:
+            lines.append(pair)
+        else:
+            lines[-1] += sep + pair
+    return "\n".join(lines)
+
+
+# What the console's diagnostics keys mean: said once, under the first diagnostics line of a run (Run.explain adds
+# a method's own)
+MEANINGS = {"knn_acc_1pct": "kNN with 1 % of the labels",
+            "alignment": "distance of two views' features, lower = they agree",
+            "uniformity": "lower = features spread more evenly (both Wang & Isola 2020, 512 test images)",
+            "upload_bytes": "this round's uploads",
+            "lr": "the learning rate of this round"}
 
 
 def final_report(results: dict, rand: dict) -> list[str]:
@@ -1904,7 +1939,8 @@ def plot_partition(counts: np.ndarray, path: Path, title: str, class_names=None)
 
 def plot_curves(history: list[dict], path: Path, title: str, baseline: float | None = None) -> dict:
     """Training loss and kNN accuracy against rounds (integer ticks), the untrained network's kNN as a
-    dashed line, the accuracy axis spanning both. Returns what was drawn (for tests)."""
+    dashed line, the accuracy axis spanning both; where the rows' `stage` changes (fed_cluster), a dotted
+    line before that round. Returns what was drawn (for tests)."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -1924,6 +1960,13 @@ def plot_curves(history: list[dict], path: Path, title: str, baseline: float | N
     b.legend(fontsize=8, loc="best")
     b.set_xlabel("round")
     b.set_ylabel("kNN accuracy")
+    staged = [r for r in history if "stage" in r]
+    starts = [(r["round"], r["stage"]) for p, r in zip(staged, staged[1:]) if r["stage"] != p["stage"]]
+    for rnd, stage in starts:            # the loss gains a term there: a step up is not divergence
+        a.axvline(rnd - 0.5, ls=":", color="black", lw=1, label=f"stage {stage} from round {rnd}")
+        b.axvline(rnd - 0.5, ls=":", color="black", lw=1, label="_nolegend_")
+    if starts:
+        a.legend(fontsize=8, loc="best")
     last = max(rounds + [1])
     for ax in (a, b):       # whole rounds only (MaxNLocator alone falls back to fractions below 2 rounds)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -1933,7 +1976,8 @@ def plot_curves(history: list[dict], path: Path, title: str, baseline: float | N
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return {"ylim": b.get_ylim(), "xticks": [t for t in b.get_xticks() if 0.5 <= t <= last + 0.5],
-            "labels": [line.get_label() for line in b.get_lines()], "title": title}
+            "labels": [line.get_label() for line in b.get_lines()], "title": title,
+            "stage_starts": [rnd for rnd, _ in starts]}
 
 
 def plot_features(test_f, test_y, train_f, owner, clients: int, path: Path, title: str, class_names=None,

@@ -357,6 +357,8 @@ def reestimate_bn(encoder, run: common.Run, batch: int = 512):
 
 def main():
     args, run = common.start(Args)
+    run.explain(assign="FeatARC: the cluster each client joined this round (-1: not sampled)",
+                knn_clusters="kNN of each cluster model")
     C = args.clusters if args.featarc else 1
     clusters = nn.ModuleList([SSLModel(args, common.make_encoder(args, run.data.channels))
                               for _ in range(C)]).to(run.device)        # initialised independently

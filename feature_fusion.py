@@ -251,6 +251,13 @@ def fn_ratio(query_y, queue_y, remote_y, num_classes):
 
 def main():
     args, run = common.start(Args)
+    run.explain(loss="L_FF, InfoNCE against the local queue and the other clients' features; the queue starts as "
+                     "random vectors (easy negatives) and the remote features arrive in round 2, so the loss rises "
+                     "while they fill in, which is not divergence",
+                fn_ratio_local="share of negatives with the query's class, local queue", fn_ratio_fused="with "
+                "the remote features", pos_beats_queue="share of positives above every queue row", pos_beats_batch=
+                "above the batch's other keys", remote_mass="softmax mass on the remote features", model_bytes_up=
+                "per client (as the other *_bytes_*)")
     model = MoCo(common.make_encoder(args, run.data.channels), args.proj_dim).to(run.device)
     worker, key_enc = copy.deepcopy(model), copy.deepcopy(model)   # re-loaded for every client
     opt = common.make_optimizer(list(worker.parameters()), args)   # reset in place for every client

@@ -247,6 +247,11 @@ def main():
     s1 = args.stage1_rounds
     run.say(f"stage 1 (representation learning, --loss {args.loss}): rounds 1-{s1}; stage 2 (clustering, "
             f"--cluster-loss {args.cluster_loss}): rounds {s1 + 1}-{args.rounds}")
+    run.explain(loss="the instance loss (--loss) and in stage 2 also the cluster loss, so it steps up where stage 2 "
+                     "starts (curves.png marks the round), which is not divergence",
+                stage="1 = representation learning, 2 = clustering", cluster_loss="the cluster loss alone",
+                cluster_acc="clustering accuracy on the test set (Hungarian matching)",
+                clusters_used="clusters the test images fall into")
     for rnd in run.rounds({"model": model, "stage1": stage1, "targets": targets}):
         stage = 1 if rnd <= args.stage1_rounds else 2
         picked = run.sample_clients()
@@ -272,9 +277,10 @@ def main():
                 extra.update(run.timed_eval(evaluate_clustering, model, run))
         if rnd == args.stage1_rounds:                            # end of stage 1: evaluate the encoder
             stage1.update(run.evaluate(model.encoder))
-            run.say(f"stage 1 done: kNN {stage1['knn_acc']:.4f}  linear {stage1['linear_acc']:.4f}")
         run.log(rnd, loss=np.mean(list(losses.values())), images=sum(images.values()), encoder=model.encoder,
                 **extra)   # prints ACC, NMI, ARI
+        if rnd == args.stage1_rounds:                            # under the round it closes
+            run.say(f"stage 1 done: kNN {stage1['knn_acc']:.4f}  linear {stage1['linear_acc']:.4f}")
     final, clu = run.evaluate(model.encoder), evaluate_clustering(model, run)
     run.say(f"clustering (test set): ACC {clu['cluster_acc']:.4f}  NMI {clu['nmi']:.4f}  ARI {clu['ari']:.4f}")
     run.finish(model.encoder, results=final, stage1=dict(stage1) or None, stage2=final, **clu,

@@ -246,6 +246,9 @@ def main():
     sent = adj.sum(1).mean() * common.state_bytes(model) * args.gossip_steps   # a step: the model to each neighbour
     print(f"mixing matrix: {args.topology}, degree {adj.sum(1).min()}-{adj.sum(1).max()}, |lambda_2| {lam2:.4f}, "
           f"spectral gap {1 - lam2:.4f}: consensus distance x <= {lam2 ** 2:.4f} per gossip step", flush=True)
+    run.explain(consensus_dist_local="(1/n) sum_i ||x_i - mean x||^2 before this round's gossip",
+                consensus_dist="the same after it", bytes_sent_per_client="weights a client sends its neighbours "
+                "per round", knn_acc_consensus="kNN of the average model (knn_acc: the mean over client models)")
     mine = run.my_clients(range(args.clients))                    # torchrun: this process's clients
     for rnd in run.rounds({"weights": clients.x, "counters": clients.counts}):
         losses, images, rows = {}, {}, {}
@@ -269,8 +272,12 @@ def main():
     per_client = list(run.gather({c: run.evaluate(clients.load(c).encoder) for c in mine}).values())
     consensus = run.evaluate(clients.load_average().encoder)
     keys = per_client[0].keys()                                   # whatever the shared evaluation returns
+    run.say(f"headline: the mean over the {args.clients} client models; the consensus (average) model: kNN "
+            f"{consensus['knn_acc']:.4f}  linear {consensus['linear_acc']:.4f} (encoder.pt, features.png)")
     run.finish(results={k: np.mean([r[k] for r in per_client]) for k in keys},
                encoder=clients.load_average().encoder,    # encoder.pt and features.png: the consensus model
+               encoder_note="the consensus model (the average of the clients'); the headline numbers are the mean "
+                            "over the client models",
                **{f"{k}_std": np.std([r[k] for r in per_client]) for k in keys},
                per_client=per_client, consensus=consensus, topology=args.topology, lambda_2=lam2,
                spectral_gap=1 - lam2, degrees=adj.sum(1).tolist(), bytes_sent_per_client_per_round=float(sent))

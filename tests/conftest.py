@@ -71,6 +71,20 @@ def assert_encoder_reproduces(folder, knn_acc, index=None, tol_images=0):
     return enc
 
 
+def diagnostics(stdout: str) -> dict:
+    """{round: its diagnostics (the indented lines under its round line, wrapped lines joined; the one-time
+    legend "  (key: meaning; ...)" left out)} for the rounds that print them."""
+    out, rnd = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("round "):
+            rnd = int(line.split()[1].split("/")[0])
+        elif rnd is not None and len(line) > 2 and line[:2] == "  " and line[2] not in " (":
+            out[rnd] = (out.get(rnd, "") + "  " + line.strip()).strip()
+        elif not line.startswith("  "):
+            rnd = None
+    return out
+
+
 def assert_bad_input(proc, out, needle):
     """Exit 2, one `error:` line on stderr mentioning `needle`, no traceback, no complete run."""
     assert proc.returncode == 2, proc.stderr

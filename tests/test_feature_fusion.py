@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import common
 import feature_fusion as ff
 import neighborhood_match as nm
-from conftest import TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, read_run, resume_to, run_script
+from conftest import (TINY, assert_bad_input, assert_complete_run, assert_encoder_reproduces, diagnostics, read_run,
+                      resume_to, run_script)
 
 SMALL_BANKS = ["--queue-size", "64", "--remote-features", "16", "--remote-bank", "0", "--proj-dim", "16"]
 
@@ -200,8 +201,8 @@ def test_feature_fusion_end_to_end_and_resume(out, tmp_path):
     assert r1["model_bytes_up"] == r1["model_bytes_down"] == common.state_bytes(model)
     assert summary["fn_ratio_fused"] == r2["fn_ratio_fused"]
     assert_encoder_reproduces(folder, summary["knn_acc"])
-    shown = [l for l in proc.stdout.splitlines() if l.startswith("  ") and "fn_ratio_local" in l]
-    assert len(shown) == 2 and "fn_ratio_fused" in shown[0] and "alignment" in shown[0]   # eval rounds' diagnostics
+    shown = diagnostics(proc.stdout)                                  # eval rounds' diagnostics
+    assert sorted(shown) == [1, 2] and all("fn_ratio_fused" in shown[r] and "alignment" in shown[r] for r in shown)
     # interrupted after round 1, resumed to 2: the same numbers as the uninterrupted run
     flags = list(TINY)
     flags[flags.index("--rounds") + 1] = "1"

@@ -24,7 +24,8 @@ import gossip_cl
 import local_cl
 import mocosfl
 import neighborhood_match
-from conftest import ROOT, SMALL, TINY, assert_complete_run, assert_encoder_reproduces, run_in_process, run_script
+from conftest import (ROOT, SMALL, TINY, assert_complete_run, assert_encoder_reproduces, diagnostics, run_in_process,
+                      run_script)
 
 
 # --- alignment, uniformity, PCA against brute-force references ------------------------------------
@@ -121,14 +122,76 @@ def test_diagnostics_are_printed_under_evaluation_rounds_only(script, tmp_path):
              for i, l in enumerate(out) if l.startswith("round ")}
     assert sorted(after) == [1, 2, 3]
     for rnd in (1, 3):                   # the evaluation's and the method's own numbers, indented under the round
-        assert after[rnd].startswith("  ") and "knn_acc_1pct" in after[rnd], out
+        assert after[rnd].startswith("  "), out
     assert not after[2].startswith("  "), out
+    shown = diagnostics(proc.stdout)
+    assert sorted(shown) == [1, 3] and all("knn_acc_1pct" in shown[r] for r in shown), out
 
 
-def test_format_metrics_is_short():
+def test_format_metrics_is_short_gives_bytes_in_mib_and_wraps_between_pairs():
     line = common.format_metrics({"fn_ratio_local": 0.498765, "model_bytes_up": 123456.0, "assign": [0, 1, -1] * 5,
                                   "lr": 1e-3})
-    assert line == "fn_ratio_local 0.4988  model_bytes_up 123456  assign [0, 1, -1, 0, 1, -1, 0, 1, -1, 0, ...]  lr 0.001"
+    assert line == ("fn_ratio_local 0.4988  model_bytes_up 0.118 MiB  assign [0, 1, -1, 0, 1, -1, 0, 1, -1, 0, ...]"
+                    "  lr 0.001")
+    many = {f"key_{i}": 0.5 + i for i in range(30)}
+    wrapped = common.format_metrics(many, width=60).splitlines()
+    assert len(wrapped) > 1 and all(len(l) <= 60 for l in wrapped)
+    assert "  ".join(wrapped) == common.format_metrics(many)        # the same pairs, split only between them
+
+
+def test_the_console_explains_the_loss_and_the_diagnostics_once_in_short_lines(tmp_path, monkeypatch, capsys):
+    import feature_fusion
+    run_in_process(feature_fusion, *SMALL, "--eval-every", "1", out=tmp_path, monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    first = next(i for i, l in enumerate(lines) if l.startswith("round 1/"))
+    note = " ".join(l.strip() for l in lines[:first] if l.startswith(("loss: ", "      ")))
+    assert note.startswith("loss: L_FF, InfoNCE against the local queue") and note.endswith("not divergence")
+    assert all(len(l) <= common.WIDTH for l in lines[:first] if l.startswith(("loss: ", "      ")))
+    shown = diagnostics(out)
+    assert sorted(shown) == [1, 2] and "upload_bytes" in shown[2] and "MiB" in shown[2]
+    indented = [l for l in lines if l.startswith("  ")]
+    assert indented and all(len(l) <= common.WIDTH for l in indented)     # no line that wraps in a terminal
+    legend = " ".join(l.strip() for l in lines if l.startswith("  (") or l.startswith("   "))
+    assert out.count("  (knn_acc_1pct: ") == 1 and lines.index(next(l for l in lines if l.startswith("  ("))) < \
+        lines.index(next(l for l in lines if l.startswith("round 2/")))          # once, under round 1
+    for key in ("pos_beats_queue: share of positives above every queue row", "remote_mass: softmax mass",
+                "alignment: ", "upload_bytes: this round's uploads"):
+        assert key in legend, legend
+
+
+def test_fed_cluster_says_stage_1_done_under_its_round_and_curves_mark_stage_2(tmp_path, monkeypatch, capsys):
+    drawn = {}
+    real = common.plot_curves
+    monkeypatch.setattr(common, "plot_curves", lambda *a, **k: drawn.update(real(*a, **k)) or drawn)
+    run_in_process(fed_cluster, *SMALL, out=tmp_path, monkeypatch=monkeypatch)   # 2 rounds: stage 2 is round 2
+    lines = capsys.readouterr().out.splitlines()
+    at = lambda prefix: next(i for i, l in enumerate(lines) if l.startswith(prefix))
+    assert at("round 1/2") < at("stage 1 done") < at("round 2/2")
+    assert "steps up where stage 2 starts" in " ".join(l.strip() for l in lines[at("loss: "):at("round 1/2")])
+    assert drawn["stage_starts"] == [2]
+
+
+def test_curves_mark_where_the_stage_changes(tmp_path):
+    hist = [{"round": r, "loss": 1.0 + (r > 3), "stage": 1 + (r > 3), "knn_acc": 0.5} for r in range(1, 7)]
+    assert common.plot_curves(hist, tmp_path / "c.png", "t", baseline=0.4)["stage_starts"] == [4]
+    assert common.plot_curves(hist[:3], tmp_path / "d.png", "t", baseline=0.4)["stage_starts"] == []
+
+
+def test_gossip_says_which_model_is_the_headline_and_which_is_in_the_files(tmp_path, monkeypatch, capsys):
+    titles = []
+    real = common.plot_features
+    monkeypatch.setattr(common, "plot_features", lambda *a, **k: titles.append(a[6]) or real(*a, **k))
+    folder = run_in_process(gossip_cl, *SMALL, out=tmp_path, monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    summary = json.loads((folder / "summary.json").read_text())
+    headline = next(l for l in out.splitlines() if l.startswith("headline: "))
+    assert headline == (f"headline: the mean over the 10 client models; the consensus (average) model: kNN "
+                        f"{summary['consensus']['knn_acc']:.4f}  linear {summary['consensus']['linear_acc']:.4f} "
+                        f"(encoder.pt, features.png)")
+    assert titles and "the consensus model (the average of the clients'); the headline numbers are the mean " \
+        "over the client models" in titles[0]
+    assert_encoder_reproduces(folder, summary["consensus"]["knn_acc"])   # encoder.pt is the consensus model
 
 
 # --- --help ----------------------------------------------------------------------------------------
