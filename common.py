@@ -1151,10 +1151,11 @@ def refuse(msg: str, code: int = 2):
     sys.exit(code)
 
 
-def shell_command(script: str, *args) -> str:
-    """The command that runs `script` (a file of this repository) with `args`, to be typed in this shell as
-    printed: `python` when that is this interpreter (an activated .venv), else this interpreter's path
-    (.venv/bin/python after `make run`); the script's path when the working directory is another folder."""
+def shell_command(script, *args) -> str:
+    """The command that runs the file `script` (a relative path: in this repository) with `args`, to be typed
+    in this shell as printed: `python` when that is this interpreter (an activated .venv), else this
+    interpreter's path (.venv/bin/python after `make run`); the script relative to the working directory
+    when it lies inside it, else its absolute path."""
     def typed(path, program=False):          # relative inside the working directory, else absolute
         rel = os.path.relpath(path)
         if rel.startswith(".."):
@@ -1242,11 +1243,13 @@ class Run:
 
     def __init__(self, args: RunArgs, script: str):
         self.args, self.script = args, script
+        started = Path(sys.argv[0])          # the file to name in printed commands (a copy elsewhere: that one)
+        self.file = started.resolve() if started.stem == script and started.is_file() else ROOT / f"{script}.py"
         if distributed.launched() and not type(args).TORCHRUN:
             if os.environ.get("RANK", "0") != "0":
                 sys.exit(2)                 # the line below is printed once, by process 0
             fail(f"{script}.py is not distributed yet (its docstring says why); run it as one process: "
-                 f"{shell_command(script + '.py')} ...")
+                 f"{shell_command(self.file)} ...")
         self.device = _pick_device(args.device)
         self.world = distributed.World(self.device)     # one process, or this process's place under torchrun
         self.main = self.world.rank == 0                # the process that writes the run folder and prints
@@ -1429,7 +1432,7 @@ class Run:
                 print(f"\ninterrupted before the first checkpoint: nothing was saved{_remove_fresh_dir()}",
                       file=sys.stderr, flush=True)
             else:
-                print(f"\ninterrupted; resume with: {shell_command(self.script + '.py', '--resume', self.dir)}",
+                print(f"\ninterrupted; resume with: {shell_command(self.file, '--resume', self.dir)}",
                       file=sys.stderr, flush=True)
             if self.lock is not None:
                 self.lock.release()      # os._exit skips atexit
@@ -1442,7 +1445,7 @@ class Run:
         --resume skips the rounds and runs the evaluation again."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"\ninterrupted during the final evaluation (all {self.args.rounds} rounds are saved); finish it "
-              f"with: {shell_command(self.script + '.py', '--resume', self.dir)}", file=sys.stderr, flush=True)
+              f"with: {shell_command(self.file, '--resume', self.dir)}", file=sys.stderr, flush=True)
         sys.exit(130)
 
     def is_eval_round(self, rnd: int) -> bool:
@@ -1491,7 +1494,7 @@ class Run:
         self._save(rnd)                               # lands during this exchange counts at the next round)
         if stop:
             self.say(f"interrupted after round {rnd}; resume with: "
-                     f"{shell_command(self.script + '.py', '--resume', self.dir)}", err=True)
+                     f"{shell_command(self.file, '--resume', self.dir)}", err=True)
             sys.exit(130)
 
     def timed_eval(self, fn, *a, **kw):

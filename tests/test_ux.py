@@ -267,6 +267,18 @@ def test_a_printed_command_names_the_interpreter_and_script_that_run_it(monkeypa
     assert common.shell_command("fedavg_cl.py") == shlex.join([venv, str(ROOT / "fedavg_cl.py")])
 
 
+def test_a_printed_command_names_the_file_that_was_started_even_outside_the_repository(tmp_path):
+    """A student's own method file elsewhere (here: one that refuses torchrun) is the file the command names."""
+    mine = tmp_path / "my_method.py"
+    mine.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport common\n\n\n"
+                    "class Args(common.RunArgs):\n    pass\n\n\ncommon.start(Args)\n")
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "OMP_NUM_THREADS": "1"}     # as torchrun starts it
+    proc = subprocess.run([sys.executable, str(mine)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith(f"run it as one process: {common.shell_command(mine)} ...")
+    assert str(mine) in proc.stderr and str(ROOT / "my_method.py") not in proc.stderr
+
+
 def test_the_resume_command_printed_after_ctrl_c_runs_as_typed(tmp_path):
     """From another folder, with a `python` on PATH that has no torch: the printed command finishes the run."""
     fake = tmp_path / "bin"
