@@ -1364,7 +1364,7 @@ def main(argv=None):
             print(f"to run: {eta}")
         for c in cells:
             if state[c] != "done":
-                print(f"  {state[c]}: {c.name}: python {shlex.join(c.flags)}")
+                print(f"  {state[c]}: {c.name}: {common.shell_command(*c.flags)}")
         return
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -1382,8 +1382,9 @@ def main(argv=None):
     if eta:
         print(f"{len(todo)} to run: {eta}; Ctrl-C stops, the same command continues", flush=True)
     if secs > 3600 and not args.yes:
-        common.refuse(f"{len(todo)} runs, {eta.split(' with')[0]}: add --yes to start them (python compare.py "
-                      "--dry-run lists them; --quick checks the pipeline in minutes)")
+        common.refuse(f"{len(todo)} runs, {eta.split(' with')[0]}: add --yes to start them "
+                      f"({common.shell_command('compare.py', '--dry-run')} lists them; --quick checks the pipeline "
+                      "in minutes)")
 
     def finished(cell):
         fp, how = launch_fingerprint(cell)
@@ -1412,7 +1413,7 @@ def main(argv=None):
          "cells": results}, indent=1))
     print("\n" + (out / "results.md").read_text() + "\n" + (out / "claims.md").read_text())
     if missing and not args.grid:
-        print(f"{len(missing)} cell(s) not run yet: python compare.py --dry-run lists them")
+        print(f"{len(missing)} cell(s) not run yet: {common.shell_command('compare.py', '--dry-run')} lists them")
     if args.readme and out == ROOT / "results":
         paste_into_readme(ROOT / "README.md")
         print("pasted results/results.md and results/claims.md into README.md")
