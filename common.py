@@ -19,6 +19,8 @@ import hashlib
 import inspect
 import json
 import copy
+import errno
+import io
 import math
 import os
 import pickle
@@ -1177,7 +1179,7 @@ def _remove_fresh_dir() -> str:
     if folder is not None and not (folder / "checkpoint.pt").exists():
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
-        return f"; removed {folder}"
+        return f"; removed {folder}" if not folder.exists() else f"; could not remove {folder}"
     return ""
 
 
@@ -1273,6 +1275,7 @@ class Run:
         self.augment = Augment(self.data, args.crop_min)
         self.start_round, self.history, self.elapsed0 = 1, [], 0.0
         self.images_total, self.train_s_total = 0, 0.0
+        self._saved_round = 0                 # the round of the last checkpoint written
         self._ckpt = self.world.broadcast(self._read_checkpoint() if args.resume and self.main else None)
         self.incomplete: list[str] = []       # reasons the summary cannot be called complete
         if not args.resume and self.main:
@@ -1283,8 +1286,11 @@ class Run:
                 fail(f"cannot create a run folder in {args.out} ({e.strerror})")
             _fresh_dir = self.dir
             self.lock = FolderLock(self.dir, f"{script}.py")
-            self._write_config()
-            self._write_partition()
+            try:
+                self._write_config()
+                self._write_partition()
+            except WriteError as e:
+                refuse(f"{e}; nothing was saved{_remove_fresh_dir()}", code=1)
         self.dir = self.world.broadcast(self.dir if self.main else None)
         self.round, self._client_rng = 0, {}
         self.upload_bytes = 0                  # bytes of the uploads exchanged by gather() this round
@@ -1475,9 +1481,11 @@ class Run:
         self.train_s_total += train_s
         row["elapsed_s"] = self.elapsed0 + time.time() - self._t0
         self.history.append(row)
-        if self.main:
-            with open(self.dir / "metrics.jsonl", "a") as f:
-                f.write(_dumps(row) + "\n")
+        if self.main:         # the whole file each round, through a rename: a full disk never leaves half a line
+            try:
+                write_atomic(self.dir / "metrics.jsonl", "".join(_dumps(r) + "\n" for r in self.history))
+            except WriteError as e:
+                self._write_failed(e, f"the run stops in round {rnd}")
         eta = (row["elapsed_s"] - self.elapsed0) / (rnd - self.start_round + 1) * (self.args.rounds - rnd)
         knn = f"  kNN {row['knn_acc']:.4f}" if "knn_acc" in row else ""
         self.say(f"round {rnd}/{self.args.rounds}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s  "
@@ -1612,12 +1620,15 @@ class Run:
         if self.incomplete:
             summary["incomplete"] = "; ".join(self.incomplete)
         trained = [encoder] if encoder is not None else list(encoders or [])
-        self.save_encoders(trained, encoders_per)
-        plot_curves(self.history, self.dir / "curves.png", self.title(), baseline=rand["knn_acc"])
-        if trained:
-            self.plot_features(trained[0], f"\n{encoder_note}" if encoder_note else
-                               "" if len(trained) == 1 else f" ({encoders_per} 0's encoder)")
-        _write_json(self.dir / "summary.json", summary)
+        try:
+            self.save_encoders(trained, encoders_per)
+            plot_curves(self.history, self.dir / "curves.png", self.title(), baseline=rand["knn_acc"])
+            if trained:
+                self.plot_features(trained[0], f"\n{encoder_note}" if encoder_note else
+                                   "" if len(trained) == 1 else f" ({encoders_per} 0's encoder)")
+            _write_json(self.dir / "summary.json", summary)
+        except WriteError as e:
+            self._write_failed(e, "the final evaluation's files are not all written")
         for line in final_report(results, rand):
             print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
         if self.args.holdout:
@@ -1649,7 +1660,7 @@ class Run:
                 return
             states.append({k: v.detach().cpu() for k, v in canon.state_dict().items()})
         if states:
-            torch.save({"encoders": states, "per": per}, self.dir / "encoder.pt")
+            _save_torch({"encoders": states, "per": per}, self.dir / "encoder.pt")
 
     def plot_features(self, encoder: nn.Module, note: str = ""):
         """features.png: PCA of up to 2000 test features coloured by class, and of up to 2000 training
@@ -1681,17 +1692,22 @@ class Run:
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
                 "state": state}
-        tmp = self.dir / "checkpoint.pt.tmp"
         try:
-            torch.save(ckpt, tmp)
-            os.replace(tmp, self.dir / "checkpoint.pt")
-        except (OSError, RuntimeError) as e:     # e.g. a full disk: the previous checkpoint stays usable
-            tmp.unlink(missing_ok=True)
-            print(f"warning: could not save the checkpoint of round {rnd} ({e}); the previous one is kept",
-                  file=sys.stderr, flush=True)
-            return
+            _save_torch(ckpt, self.dir / "checkpoint.pt")
+        except WriteError as e:          # never train on unsaved: stop at the last good checkpoint
+            self._write_failed(e, f"the run stops after round {rnd}")
+        self._saved_round = rnd
         global _fresh_dir
         _fresh_dir = None                        # from now on the folder can be resumed: never delete it
+
+    def _write_failed(self, e: WriteError, what: str):
+        """A file of the run could not be written: one `error:` line saying what survives, exit status 1."""
+        if (self.dir / "checkpoint.pt").exists():
+            kept = (f"the checkpoint of round {self._saved_round} is kept; free space (or make the folder writable), "
+                    f"then resume with: {shell_command(self.file, '--resume', self.dir)}")
+        else:
+            kept = "nothing was saved" + _remove_fresh_dir()
+        refuse(f"{e}: {what}; {kept}; no summary was written", code=1)
 
     def _merge_clients(self, k: str, parts: list):
         """State entry k for the checkpoint from every process's copy: of a list, ModuleList or tensor with one
@@ -1741,9 +1757,12 @@ class Run:
         self.history = ckpt["history"]
         self.images_total, self.train_s_total = ckpt["images_total"], ckpt["train_s_total"]
         self.elapsed0 = ckpt["elapsed_s"]
-        if self.main:
-            with open(self.dir / "metrics.jsonl", "w") as f:    # drop lines of rounds after the checkpoint
-                f.writelines(_dumps(r) + "\n" for r in self.history)
+        self._saved_round = ckpt["round"]
+        if self.main:                            # drop lines of rounds after the checkpoint
+            try:
+                write_atomic(self.dir / "metrics.jsonl", "".join(_dumps(r) + "\n" for r in self.history))
+            except WriteError as e:
+                self._write_failed(e, "the run cannot resume")
 
 
 _ROUND_KEYS = {"round", "loss", "images", "images_per_s", "elapsed_s", "knn_acc"}   # the round line itself
@@ -1889,10 +1908,46 @@ def _dumps(obj, **kw) -> str:
     return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
 
 
+class WriteError(Exception):
+    """A file could not be written (a full disk, a read-only folder); the message names the file and why."""
+
+
+def write_atomic(path, data: bytes | str):
+    """Write `data` to `path` through a temporary file in the same folder and a rename, so that a reader sees
+    the old file or the whole new one, never half of it. A failure raises WriteError naming the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):     # a read-only folder refuses the clean-up too
+            tmp.unlink(missing_ok=True)
+        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or str(e))
+        raise WriteError(f"cannot write {path} ({why})") from None
+
+
+def _save_torch(obj, path):
+    """torch.save through write_atomic (serialised in memory first: torch.save's own errors on a full disk
+    are obscure C++ messages)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def _save_fig(fig, path):
+    """savefig through write_atomic; the figure is closed either way."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=80)
+    finally:
+        _plt().close(fig)
+    write_atomic(path, buf.getvalue())
+
+
 def _write_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(_dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, _dumps(obj, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1935,8 +1990,7 @@ def plot_partition(counts: np.ndarray, path: Path, title: str, class_names=None)
     ax.set_title(f"images per client and class\n{title}", fontsize=10)
     fig.colorbar(im, ax=ax, label="images")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save_fig(fig, path)
     return {"xticklabels": [names[k] for k in xt], "yticklabels": [str(k) for k in yt]}
 
 
@@ -1976,8 +2030,7 @@ def plot_curves(history: list[dict], path: Path, title: str, baseline: float | N
         ax.set_xlim(0.5, last + 0.5)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save_fig(fig, path)
     return {"ylim": b.get_ylim(), "xticks": [t for t in b.get_xticks() if 0.5 <= t <= last + 0.5],
             "labels": [line.get_label() for line in b.get_lines()], "title": title,
             "stage_starts": [rnd for rnd, _ in starts]}
@@ -2017,5 +2070,4 @@ def plot_features(test_f, test_y, train_f, owner, clients: int, path: Path, titl
                f"{geometry['uniformity']:.3f} (lower = spread more evenly); Wang & Isola 2020")
     fig.suptitle(f"feature space after the last round (PCA of L2-normalised features)\n{title}{geo}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save_fig(fig, path)
