@@ -1039,7 +1039,12 @@ def pca_2d(x: torch.Tensor):
     x = x.double()
     mean = x.mean(dim=0)
     _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
-    return mean, vh[:2], (s[:2] ** 2 / (s ** 2).sum()).tolist()
+    total = (s ** 2).sum()
+    share = (s[:2] ** 2 / total).tolist() if total > 0 else [0.0] * len(s[:2])
+    if len(vh) < 2:        # one image (--test-size 1, --holdout 1) or one feature: pad with a zero direction
+        vh = torch.cat([vh, vh.new_zeros(2 - len(vh), x.shape[1])])
+        share += [0.0] * (2 - len(share))
+    return mean, vh[:2], share
 
 
 # ----------------------------------------------------------------------------------------------

@@ -343,3 +343,14 @@ def test_ctrl_c_in_the_final_evaluation_exits_130_and_resume_finishes_it(tmp_pat
     s = json.loads((folder / "summary.json").read_text())
     assert s["complete"] is True and s["rounds"] == 2 and "resumed" in out
     assert [json.loads(l)["round"] for l in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("flags", [["--test-size", "1"], ["--holdout", "1"]], ids=["test-size-1", "holdout-1"])
+def test_a_single_evaluation_image_still_finishes(flags, tmp_path):
+    """features.png of one image: PCA has one direction; the second is drawn as zero, not an IndexError."""
+    mean, dirs, share = common.pca_2d(torch.ones(1, 5))
+    assert dirs.shape == (2, 5) and share == [0.0, 0.0]
+    code, _, err = call("fedavg_cl.py", *[f for f in SMALL if f not in ("--test-size", "100")], *flags, out=tmp_path)
+    assert code == 0 and "Traceback" not in err, err
+    folder = next(tmp_path.glob("fedavg_cl-*"))
+    assert json.loads((folder / "summary.json").read_text())["complete"] is True and (folder / "features.png").exists()
