@@ -185,6 +185,9 @@ TRAIN_IMAGES = {"fmnist": 60000, "cifar10": 50000, "cifar100": 50000}
 IMAGE_SHAPE = {"fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)     # the networks and optimizers compute in float32
+
+
 def check_fields(args):
     """Values that cannot mean anything in any flag, found by introspection so a new flag is covered:
     a non-finite float (nan, inf), a seed outside numpy's [0, 2**32)."""
@@ -192,6 +195,9 @@ def check_fields(args):
         v = getattr(args, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             fail(f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
+        if isinstance(v, float) and abs(v) > FLOAT32_MAX:      # torch turns it into a float32 and overflows
+            fail(f"--{f.name.replace('_', '-')} must be at most {FLOAT32_MAX:.3g} in size, the largest float32 "
+                 f"(got {v:g})")
         if f.name == "seed" and not 0 <= v < 2 ** 32:
             fail(f"--seed must be in [0, 2**32) (got {v})")
 

@@ -354,3 +354,11 @@ def test_a_single_evaluation_image_still_finishes(flags, tmp_path):
     assert code == 0 and "Traceback" not in err, err
     folder = next(tmp_path.glob("fedavg_cl-*"))
     assert json.loads((folder / "summary.json").read_text())["complete"] is True and (folder / "features.png").exists()
+
+
+@pytest.mark.parametrize("script", ["fedavg_cl.py", "gossip_cl.py"])
+def test_a_float_beyond_float32_is_refused_up_front(script, tmp_path):
+    """--lr 1e300 is finite in Python but overflows torch's float32 step (a RuntimeError after the folder existed)."""
+    refused(call(script, *small(script), "--lr", "1e300", out=tmp_path), tmp_path,
+            "--lr must be at most 3.4e+38 in size, the largest float32 (got 1e+300)")
+    assert not list(tmp_path.glob("*/"))
