@@ -1854,19 +1854,33 @@ def load_encoder(run_dir, index: int | None = None, device="cpu") -> nn.Module:
     `.config` (the run's arguments). Runs with several encoders (local_cl: one per client;
     dec_ssl --featarc: one per cluster) need `index`. Reads encoder.pt with weights_only=True."""
     run_dir = Path(run_dir)
-    if not (run_dir / "encoder.pt").is_file() or not (run_dir / "config.json").is_file():
+    weights, config = run_dir / "encoder.pt", run_dir / "config.json"
+    if not weights.is_file() or not config.is_file():
         fail(f"{run_dir}: no encoder.pt and config.json (a run folder gets encoder.pt when its run finishes)")
-    saved = torch.load(run_dir / "encoder.pt", map_location=device, weights_only=True)
-    states, per = saved["encoders"], saved["per"]
+    why = lambda e: f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    try:                                     # a damaged file: one UserError naming it, whatever torch raises
+        saved = torch.load(weights, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{weights} cannot be read: it is truncated or not an encoder.pt ({why(e)})") from None
+    states = saved.get("encoders") if isinstance(saved, dict) else None
+    if not isinstance(states, list) or not states or not all(isinstance(st, dict) for st in states):
+        fail(f"{weights} is not an encoder.pt of this code (it holds no list of encoder state dicts)")
+    per = saved.get("per", "encoder")
     if index is None and len(states) > 1:
         fail(f"{run_dir} holds {len(states)} encoders, one per {per}: pass index=0..{len(states) - 1}")
     if not 0 <= (index or 0) < len(states):
         fail(f"index {index}: {run_dir} holds {len(states)} encoder(s) (index 0..{len(states) - 1})")
-    cfg = json.loads((run_dir / "config.json").read_text())["args"]
-    args = RunArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(RunArgs) if f.name in cfg})
-    mean, std = STATS[args.dataset]
-    encoder = make_encoder(args, len(mean)).to(device)
-    encoder.load_state_dict(states[index or 0])
+    try:
+        cfg = json.loads(config.read_text())["args"]
+        args = RunArgs(**{f.name: cfg[f.name] for f in dataclasses.fields(RunArgs) if f.name in cfg})
+        mean, std = STATS[args.dataset]
+        encoder = make_encoder(args, len(mean)).to(device)
+    except Exception as e:                   # not JSON, no "args", an unknown dataset, a width that is no number
+        raise UserError(f"{config} does not describe a network this code can build ({why(e)})") from None
+    try:
+        encoder.load_state_dict(states[index or 0])
+    except Exception as e:                   # another width or encoder than config.json says
+        raise UserError(f"{weights} does not fit the network that {config} describes ({why(e)})") from None
     encoder.preprocess, encoder.config = Preprocess(mean, std), cfg
     return encoder.eval()
 

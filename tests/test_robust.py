@@ -362,3 +362,37 @@ def test_a_float_beyond_float32_is_refused_up_front(script, tmp_path):
     refused(call(script, *small(script), "--lr", "1e300", out=tmp_path), tmp_path,
             "--lr must be at most 3.4e+38 in size, the largest float32 (got 1e+300)")
     assert not list(tmp_path.glob("*/"))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("garbage", "encoder.pt cannot be read: it is truncated or not an encoder.pt"),
+    ("zero-byte", "encoder.pt cannot be read"), ("truncated", "encoder.pt cannot be read"),
+    ("foreign", "encoder.pt is not an encoder.pt of this code"), ("empty-list", "encoder.pt is not an encoder.pt"),
+    ("config-garbage", "config.json does not describe a network this code can build (JSONDecodeError"),
+    ("config-no-args", "config.json does not describe a network this code can build (KeyError"),
+    ("config-type", "config.json does not describe a network this code can build"),
+    ("config-width", "encoder.pt does not fit the network that"),
+])
+def test_load_encoder_names_the_damaged_file(damage, needle, finished, tmp_path):
+    """A damaged run folder gives one UserError naming the file and what is wrong, never torch's own error."""
+    folder = copy_of(finished, tmp_path)
+    weights, cfg = folder / "encoder.pt", folder / "config.json"
+    if damage == "garbage":
+        weights.write_bytes(os.urandom(5000))
+    elif damage == "zero-byte":
+        weights.write_bytes(b"")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:5000])
+    elif damage in ("foreign", "empty-list"):
+        torch.save({"model": 1} if damage == "foreign" else {"encoders": [], "per": "client"}, weights)
+    elif damage == "config-garbage":
+        cfg.write_text("{not json")
+    elif damage == "config-no-args":
+        cfg.write_text("{}")
+    else:
+        c = json.loads(cfg.read_text())
+        c["args"]["width"] = "wide" if damage == "config-type" else 16
+        cfg.write_text(json.dumps(c))
+    with pytest.raises(common.UserError) as err:
+        common.load_encoder(folder)
+    assert needle in str(err.value) and str(folder) in str(err.value), err.value
