@@ -40,7 +40,7 @@ import common
 @dataclass
 class Args(common.RunArgs):
     tau: float = 0.2
-    """NT-Xent temperature (0.2 chosen on a held-out validation split for batch 128; --preset paper uses SimCLR's 0.5)"""
+    """NT-Xent temperature (0.2 chosen on the holdout for batch 128, see results/recipes.md; --preset paper uses SimCLR's 0.5)"""
     proj_dim: int = 128
     """output size of the projection head"""
     crop_min: float = 0.5
