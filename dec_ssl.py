@@ -4,92 +4,45 @@ Paper: L. Wang, K. Zhang, Y. Li, Y. Tian, R. Tedrake, "Does Learning from Decent
 Data Benefit from Self Supervision?", ICLR 2023, https://arxiv.org/abs/2210.10947. Official code:
 https://github.com/liruiw/Dec-SSL. Claims: decentralized SSL is robust to label skew (accuracy drops little
 as the Dirichlet alpha shrinks), is on par with centralized SSL, and FeatARC helps in highly non-IID cases.
-
-What is what. [paper] FedAvg on an SSL loss; FeatARC = feature alignment + clustering.
-[code] Every round each sampled client starts from the global weights and trains E epochs with a FRESH
-optimizer (Adam 1e-3, wd 1e-6 for SimCLR; the code's SimSiam runs use SGD 0.03, momentum 0.9, wd 5e-4, see
-Run; our default is Adam for every objective, one recipe for the comparison); the server takes the
-UNWEIGHTED mean of the whole state dict (BN statistics included; `--weighted true` for sample-count
-FedAvg); server lr x0.3 at 30/60/90% of the rounds. SimCLR: projector d -> 512 BN ReLU -> 512
-(src/models.py 61; d = 512 on its ResNet-18), NT-Xent tau 0.5 ([reconstruction] ours ends in d, --proj-dim
-0: the code's on ResNet-18, and FeatARC needs it). SimSiam: 3-layer projector, 2-layer predictor, negative
-cosine with stop-gradient ([reconstruction] our projector's hidden width is --hidden-dim = 512, the code's
-2048; its predictor's 512 matches). FeatARC: C cluster models initialised independently, client k starts
-in cluster k mod C; before local training a client is assigned to the cluster whose backbone features of
-its clean images align best (mean cosine) with those of its last local model; loss L = L_SSL - lam *
-align; each cluster averages the models of its clients. Preset `paper` = the code's Dirichlet sweep
-(CIFAR-10, ResNet-18, 5 clients, 500 epochs = 10 rounds x 50 local epochs, batch 256, Adam 1e-3).
+[paper] FedAvg on an SSL loss; FeatARC = feature alignment + clustering. [code] each sampled client starts
+  from the global weights, trains E epochs with a FRESH optimizer (Adam 1e-3, wd 1e-6 for SimCLR; its SimSiam:
+  SGD, see Run; our default is Adam for every objective); the server takes the UNWEIGHTED mean of the whole
+  state dict (BN statistics included; `--weighted true`: sample-count FedAvg); server lr x0.3 at 30/60/90%
+  of the rounds. SimCLR: projector d -> 512 BN ReLU -> 512 (src/models.py 61), NT-Xent tau 0.5
+  ([reconstruction] ours ends in d, --proj-dim 0: the code's on ResNet-18, and FeatARC needs it). SimSiam:
+  3-layer projector, 2-layer predictor, negative cosine, stop-gradient ([reconstruction] projector hidden
+  --hidden-dim 512, the code's 2048; predictor 512 as the code's).
+  FeatARC: C cluster models initialised independently, client k starts in cluster k mod C; before local
+  training a client joins the cluster whose backbone features of its clean images align best (mean cosine)
+  with those of its last local model; L = L_SSL - lam * align; each cluster averages its clients' models.
 [reconstruction] BYOL (EMA target, predictor, 2-2cos) and MoCo v2 (EMA key encoder, queue, InfoNCE tau 0.2,
-symmetrised over the views, no shuffled BN) for the paper's "range of" SSL methods, with our hidden sizes.
-Their target network is averaged like the online network (`--target average`) or reset to the new global
-online network each round (`--target reset`); MoCo's queue stays on the client and is emptied every round,
-so a round's first step takes its negatives from the batch: the keys of the other images.
-`--bn-reestimate` recomputes BN statistics on the training set before evaluation (the code's probe does it
-while training); off by default, so the evaluation is the shared protocol's. Clients per round are
-round(pK) (shared protocol), the code uses max(floor(pK), 1). Both views go through the network as one
-batch (BatchNorm sees 2B images); the code runs each view through it separately (B images each).
-
-Defects of the released code, fixed here (and named so a reader can compare):
-1. Server schedule: MultiStepLR(milestones=[int(.3R), int(.6R), int(.9R)]). For R < 4 rounds int(.3R) = 0,
-   so training STARTS decayed (R=1: x0.027, R=3: x0.3 in round 1). We decay round r once per milestone
-   f in {.3,.6,.9} with (r-1)/R >= f: the code's milestones rounded UP instead of down. This equals
-   MultiStepLR when R is a multiple of 10 and differs for every other R (R=15: decays after rounds 5, 9,
-   14 instead of 4, 9, 13), not only below 4 rounds. (A second MultiStepLR inside each client update,
-   src/update.py 295-302, has milestones int(f x E x epochs), f in {.3,.6,.9}, where --epochs is the run's
-   E x R local epochs, and is stepped with the run's local-epoch count E x round + epoch (update.py 322,
-   410): as fractions of the run it fires at 0.3E, 0.6E, 0.9E, i.e. at 30/60/90 % for E = 1 (compounding
-   with the server's decay at the same rounds), once at 60 % for E = 2, once at 90 % for E = 3, never for
-   E >= 4 (the paper's 50). We apply only the server's.)
+  symmetrised, no shuffled BN) for the paper's "range of" SSL methods; their target is averaged (`--target
+  average`) or reset to the new global online network (`reset`); MoCo's queue is emptied every round.
+  `--bn-reestimate` recomputes BN statistics before evaluation (the code's probe does; off by default).
+  Clients per round round(pK) (the code: max(floor(pK), 1)); both views in one batch (the code: separately).
+  FeatARC's mean cosine is scored on --featarc-sample (64) random images, only the chosen cluster computes
+  all anchors: N + C x S image passes instead of (C + 1) x N (0 = the rule as written; one fused pass).
+Defects of the released code, fixed here:
+1. Server MultiStepLR(milestones=[int(.3R), int(.6R), int(.9R)]): for R < 4 training STARTS decayed (R=1:
+   x0.027). We decay round r once per f in {.3,.6,.9} with (r-1)/R >= f (milestones rounded UP): equal when
+   R is a multiple of 10, different otherwise (R=15: after rounds 5, 9, 14, not 4, 9, 13). A second
+   MultiStepLR per client (src/update.py 295-302, milestones int(f x E x epochs), stepped with E x round +
+   epoch, update.py 322, 410) fires at 30/60/90% for E = 1 (compounding with the server's), once at 60% for
+   E = 2, at 90% for E = 3, never for E >= 4 (the paper's 50). We apply only the server's.
 2. FeatARC aggregation appends uploads in sampling order but indexes them by client id, and includes
    assigned clients that were not sampled: clusters average the wrong models (or fail). We key by client id.
-3. Each client trains on only the first 80% of its (label-ordered) index list, which makes label skew more
-   extreme; `--first80 true` reproduces it, the default uses all of a client's images. It is the code's
-   exact subset only for the Dirichlet partition (the code's iid split is a Python set and its skew split
-   orders indices differently, so their "first 80%" are other images).
-FeatARC's assignment, once defect 2 is fixed, tends to reinforce itself: a client compares its last local
-model (trained from its cluster's model) with every cluster model, and its own cluster is the average of
-that very model and its siblings', while the other cluster was initialised independently and trained on
-other clients. In that construction its own cluster aligns better (test_featarc_rule_keeps_*), but the rule
-still moves a client whose last model is closer to the other cluster (test_featarc_rule_moves_*), and the
-paper's setting (ResNet-18, 50 local epochs) was never tried here. In our CPU runs assignments stayed at
-k mod C, so FeatARC was C separate FedAvg runs on a fixed split. In one tiny CPU emulation of the released
-aggregation (ours, not a run of the released code) assignments moved only because of the indexing defect
-(clusters average the wrong clients' models), and the two cluster models then merged: their feature
-similarity went 0.86 -> 0.997 in four rounds.
-Cost: the rule needs the clean features of the client's images under its last local model and under
-every cluster model, C + 1 eval passes per round, run as ONE pass over the images (normalised once, each
-chunk of 128 through all C + 1 models: the same choice as separate passes, test); the loss needs the
-chosen cluster's features of ALL the images (the anchors). [reconstruction] The mean cosine is scored on
---featarc-sample (64) random images of the client, and only the chosen cluster computes the other images'
-anchors: N + C x S image passes instead of (C + 1) x N (N = 256, C = 2: 384 instead of 768);
---featarc-sample 0 scores every image (the rule as written). The sample gives an estimate of the rule's
-means; it picks the exact rule's cluster on every constructed case of the tests (test_featarc_rule_*,
-test_featarc_one_pass_*, a near tie included) and agreed with it on every (round, client) choice of real
-runs (the exact choice computed beside it on the same models, seed 0, $S = the Sweep's budget below: 50 of
-50 for the alpha 0.05 run below, 60 of 60 with --partition iid --clients 6 --clusters 3 instead):
-  python -c "import atexit, dec_ssl as d; f, n = d.featarc_choose, []; atexit.register(lambda: print('agree',
-  sum(n), 'of', len(n))); d.featarc_choose = lambda l, c, r, i, s: n.append(f(l, c, r, i, 0)[0] == (out :=
-  f(l, c, r, i, s))[0]) or out; d.main()" --featarc true --clusters 2 --partition dirichlet --alpha 0.05 $S
-With one local epoch the anchors alone are still about a sixth of the round's compute on a CPU
-(benchmark.py: ratio 0.82-0.85, was 0.70-0.74 with every image scored).
-FeatARC's headline number is the MEAN over cluster models (no test-set selection); summary.json also gives
-every cluster and the best one picked by test linear accuracy, as the released code reports (optimistic).
-
-torchrun: distributed (see distributed.py): client c trains on process c % N; the uploads (and FeatARC's
-chosen cluster indices) are all-gathered and every process runs the same per-cluster FedAvg.
-Run:      python dec_ssl.py --partition dirichlet --alpha 0.05 --clients 5           (SimCLR, CPU minutes)
-          python dec_ssl.py --partition dirichlet --alpha 0.05 --clients 5 --featarc true --clusters 2
-          python dec_ssl.py --preset paper --alpha 0.1      (GPU; SimSiam in the code: --ssl simsiam
-                                                             --optimizer sgd --lr 0.03 --weight-decay 5e-4)
-Sweep (the paper's claims; one run at a time; every run has the same schedule, FeatARC included):
-  S="--clients 5 --train-size 3000 --test-size 2000 --rounds 10 --eval-every 5"
-  for a in 0.05 0.5 100; do for m in "--ssl simclr" "--ssl simclr --featarc true" "--ssl simsiam"; do
-    python dec_ssl.py $m --partition dirichlet --alpha $a $S; done; done
-  python dec_ssl.py --clients 1 --partition iid $S                      (centralized, same image passes)
-Expected (that sweep, seed 0, 2 CPU cores, ~2-3 min a run): kNN 0.63-0.66 for every alpha and objective
-vs 0.563 for the random encoder, centralized 0.683; FeatARC within +-0.01 of plain SimCLR and its
-assignments never left k mod C (see above: the fixed rule tends to keep them there). The linear probe
-(0.78-0.79) does not separate anything from the random encoder's 0.785 at this size: read the kNN column.
+3. Each client trains on the first 80% of its (label-ordered) index list, more extreme skew; `--first80 true`
+   reproduces it (the code's exact subset for the Dirichlet partition only).
+Fixed FeatARC tends to keep its assignment (a client's own cluster averages its last model;
+test_featarc_rule_keeps_* / _moves_*): in our CPU runs it stayed at k mod C (the paper's ResNet-18 and 50
+local epochs never tried). Headline = the MEAN over cluster models; summary.json also gives the best one by
+test accuracy, as the code reports (optimistic). torchrun (distributed.py): client c on process c % N.
+Run:      python dec_ssl.py --partition dirichlet --alpha 0.05 --clients 5 [--featarc true --clusters 2]
+          python dec_ssl.py --preset paper --alpha 0.1   (GPU; the code's Dirichlet sweep: CIFAR-10, ResNet-18,
+              5 clients, 10 rounds x 50 local epochs, batch 256, Adam 1e-3; its SimSiam runs: add --ssl
+              simsiam --optimizer sgd --lr 0.03 --weight-decay 5e-4)
+Expected: see results/claims.md and results/results.md (the committed cells); the claims sweep, FeatARC's
+checks and their old numbers (efaa20c, 2026-11-23, before the per-client streams): results/recipes.md.
 """
 import copy
 from dataclasses import dataclass
@@ -134,7 +87,7 @@ class Args(common.RunArgs):
     lam: float = 1.0
     """lambda, weight of FeatARC's alignment term"""
     featarc_sample: int = 64
-    """FeatARC: random images of a client its cluster choice is scored on (0 = all; see the docstring)"""
+    """FeatARC: random images of a client its cluster choice is scored on (0 = all; 64 agreed with 0 on every checked choice, see results/recipes.md)"""
     bn_reestimate: bool = False
     """recompute BatchNorm statistics on the training set before the final evaluation"""
 

@@ -1,84 +1,43 @@
 """Feature fusion (FF): federated MoCo whose clients also contrast against the other clients' features.
 
 Paper: Y. Wu, Z. Wang, D. Zeng, M. Li, Y. Shi, J. Hu, "Decentralized Unsupervised Learning of Visual
-Representations", IJCAI 2022, pp. 2326-2333, https://arxiv.org/abs/2111.10763 (collaborative
-contrastive learning, CCL). This file is CCL's first contribution only; neighborhood_match.py adds
-the second (`diff feature_fusion.py neighborhood_match.py`). No official code is public, and only
-the abstract, introduction and overview figure of the paper could be read, so much here is ours:
-  [paper]  non-IID clients with few classes each suffer from false negatives (most "negatives" of a
-           2-class client share the query's class); one round = (1) every client uploads its model
-           AND features of its local data, (2) the server aggregates the models, (3) every client
-           downloads the aggregated model and the other clients' features ("remote features"),
-           (4) local learning that uses the remote features as extra negatives ("feature fusion").
-  [reconstruction]  the local learner is MoCo-style (momentum encoder + queue); the parts of the paper
-           we could read do not name it.
-  [code]  symmetric loss, as the federated MoCo code of FedU/FedEMA (EasyFL) and MocoSFL does: both
-           views serve as query against the other view's key and both keys enter the queue; they
-           sum the two terms, we average them so the loss reads on the asymmetric loss's scale
-           (--symmetric false: MoCo v2's asymmetric loss, view 1 as query only).
-  [reconstruction]  everything else: MoCo v2 details (m=0.99, tau=0.1, MLP head,
-           random unit-vector queue at start, no shuffle-BN); one local queue per client kept
-           across rounds; uploaded features = L2-normalised momentum-encoder projections of M random
-           local images, one augmented view each, in train mode (FCL, the authors' predecessor, also
-           shared momentum features), taken from the LAST local epoch: the keys k+ = xi(v2) it
-           computed anyway, kept for M random images of that epoch. The paper does not say when the
-           features are computed; they were a separate pass after training (one more momentum-encoder
-           forward over M images per client and round); now a key is up to one epoch older, was
-           normalised with its training batch's statistics, and images of a dropped last partial
-           batch are never picked (feature_fusion.py --holdout 5000 --crop-min 0.2 --queue-size 1024
-           --remote-bank 1024, seed 0: kNN 0.687, linear 0.803; with the separate pass 0.689, 0.809;
-           one seed, within its noise). The server
-           keeps them for one round only; a client gets all other participants' features, subsampled
-           to --remote-bank rows; online AND momentum encoders restart from the global weights every
-           round; the loss L_FF below; FedAvg weighted by sample counts.
-  [reconstruction]  --preset paper: CIFAR-10 and IID are the paper's headline setting (linear probe
-           88.90); ResNet-18, 5 clients, 100 rounds x 5 epochs, SGD 0.06, batch 256 and the bank
-           sizes are our guesses.
-Our loop reads (download, train, upload, aggregate): features uploaded in round r are used in r+1,
-which is the paper's (upload, aggregate, download, train) order seen from the client.
-Privacy: raw images never leave a client, but its features do (the paper mentions computing the
-shared features on mixed images; not done here). Labels are used for one diagnostic only: the
-false-negative ratio (share of a query's negatives with its class), logged on evaluation rounds
-with the local queue only (fn_ratio_local) and with the remote bank added (fn_ratio_fused).
-Label-free diagnostics, also on evaluation rounds (view-1 queries of every local step):
-pos_beats_queue / pos_beats_batch = share of queries whose positive key scores above every row of
-the local queue / every other key of the same batch (queue keys come from older encoders; the two
-shares tell how hard each set of negatives is), remote_mass = softmax mass of L_FF on the remote rows.
-
-torchrun: distributed (see distributed.py): client c (its queue included) lives on process c % N; one
-all-gather per round brings every sampled client's model and uploaded features to every process, and each
-runs the same server step (FedAvg, the feature bank); upload_bytes = the models and features uploaded.
+Representations", IJCAI 2022, pp. 2326-2333, https://arxiv.org/abs/2111.10763 (collaborative contrastive
+learning, CCL). This file is CCL's first contribution only; neighborhood_match.py adds the second
+(`diff feature_fusion.py neighborhood_match.py`). No official code is public and only the abstract,
+introduction and overview figure could be read (no equation numbers to cite), so much here is ours:
+[paper] non-IID clients with few classes suffer from false negatives (most "negatives" of a 2-class client
+  share the query's class); one round = (1) every client uploads its model AND features of its local data,
+  (2) the server aggregates the models, (3) every client downloads the aggregated model and the other
+  clients' features ("remote features", Q_r), (4) local learning uses them as extra negatives:
+  L_FF = -log( e^{q.k+/tau} / (e^{q.k+/tau} + sum_{n in Q_l} e^{q.n/tau} + sum_{r in Q_r} e^{q.r/tau}) ).
+[reconstruction] the local learner is MoCo-style (momentum encoder xi, local queue Q_l); the readable parts
+  of the paper do not name it. MoCo v2 details: m 0.99, tau 0.1, MLP head, random unit-vector queue at
+  start, no shuffle-BN; one queue per client kept across rounds; online AND momentum encoders restart from
+  the global weights every round; FedAvg weighted by sample counts.
+[code] symmetric loss, as the federated MoCo code of FedU/FedEMA (EasyFL) and MocoSFL: both views serve as
+  query against the other's key and both keys enter the queue; they sum the two terms, we average them
+  (the asymmetric loss's scale; --symmetric false: MoCo v2's asymmetric loss, view 1 as query only).
+[reconstruction] uploads: L2-normalised momentum-encoder projections of M random local images, one view
+  each, in train mode (FCL, the authors' predecessor, also shared momentum features): the keys k+ = xi(v2)
+  of the LAST local epoch, kept for M random images (so a key is up to one epoch old, normalised with its
+  batch's statistics, and a dropped last partial batch is never picked; the paper does not say when the
+  features are computed). The server keeps them one round; a client gets all other participants'
+  features, subsampled to --remote-bank rows. Our loop reads (download, train, upload, aggregate): the
+  paper's order seen from the client, features uploaded in round r are used in r+1.
+[reconstruction] --preset paper: CIFAR-10 and IID are the paper's headline setting (linear probe 88.90);
+  ResNet-18, 5 clients, 100 rounds x 5 epochs, SGD 0.06, batch 256 and the bank sizes are our guesses.
+Privacy: raw images never leave a client, its features do (the paper mentions features of mixed images;
+not done). Labels serve one diagnostic on eval rounds, fn_ratio_local / fn_ratio_fused (share of a query's
+negatives with its class: local queue / with Q_r). Label-free: pos_beats_queue / pos_beats_batch (queries
+whose positive beats every queue row / every other key of the batch), remote_mass (L_FF's mass on Q_r).
+torchrun (see distributed.py): client c and its queue on process c % N; one all-gather per round brings the
+sampled clients' models and features to every process, each runs the same server step (upload_bytes).
 Run:      python feature_fusion.py                       (10 clients, 2 classes each, Fashion-MNIST)
           python feature_fusion.py --remote-features 0   (fusion off: FedAvg + MoCo, the ablation)
           python feature_fusion.py --preset paper        (CIFAR-10, ResNet-18; for a GPU)
-Recipe, chosen on the validation split only (--holdout 5000: 5,000 training images held out as kNN
-queries, the test set untouched; default budget, seed 0, one run each; random encoder 0.689 / 0.808),
-FedAvg + MoCo (python feature_fusion.py --remote-features 0 --holdout 5000 ...), symmetric loss:
-  --tau 0.1 --crop-min 0.2: kNN 0.704, linear 0.816      --tau 0.2 --crop-min 0.2: kNN 0.687, linear 0.812
-  --tau 0.1 --crop-min 0.5: kNN 0.716, linear 0.822
-  so tau 0.1 and crop_min 0.5 (instead of common's 0.2; --preset paper keeps 0.2). FedAvg + SimCLR
-  (fedavg_cl.py) on the same split: 0.718 / 0.831 at crop 0.2, 0.734 / 0.833 at 0.5, so MoCo stays
-  0.014-0.018 kNN below it (target: within 0.01; not reached with tau, crop and the symmetric loss).
-  Re-measured on the code with per-client random streams and the fused augmentation (other draws of the
-  same runs), FedAvg + MoCo vs FedAvg + SimCLR, seeds 0 / 1 (random encoder 0.689 / 0.680):
-    defaults (queue 1024, m 0.99):  kNN 0.716 / 0.713    fedavg_cl: 0.728 / 0.727 (gap 0.012 / 0.014)
-    --momentum 0.9:                 kNN 0.717 (seed 0)
-    --queue-size 256:               kNN 0.726 / 0.717    (gap 0.002 / 0.011: mean 0.006, within the target)
-  With fusion on, the queue and the remote bank shrink together (|Q_r| = |Q_l| kept), seeds 0 / 1:
-    feature_fusion.py                                   kNN 0.711 / 0.709, linear 0.814 / 0.821
-    feature_fusion.py --queue-size 256 --remote-bank 256   kNN 0.735 / 0.722, linear 0.824 / 0.821
-    neighborhood_match.py                                kNN 0.710 / 0.704, linear 0.815 / 0.812
-    neighborhood_match.py --queue-size 256 --remote-bank 256   kNN 0.734 / 0.714, linear 0.825 / 0.819
-  so --queue-size 256 and --remote-bank 256 are the defaults of both files (the FedAvg + MoCo ablation
-  = --remote-features 0 gets the same queue); smaller queues were not tried. These runs used the separate
-  upload pass, before the last-epoch keys above (commit f777e61). A likely reason, not tested: 256 keys
-  are exactly the previous step's (128 images x 2 views), so no keys from much older encoders; the share
-  of rows with the query's class is the same at both sizes (fn_ratio_local 0.50).
-Expected (holdout, default flags with the separate upload pass, seeds 0 / 1, random encoder 0.689 /
-0.680): kNN 0.735 / 0.722, linear 0.824 / 0.821, kNN with 1 % of the labels 0.574 / 0.525 (FedAvg +
-MoCo at this queue 0.726 / 0.717, FedAvg + SimCLR 0.728 / 0.727); fn_ratio falls from 0.50 (local queue) to 0.28 with the remote
-bank (2 classes per client); remote_mass 0.16; pos_beats_queue 0.25-0.40 and pos_beats_batch 0.25-0.43
-(rounds 10-20). Test-set numbers: README's results.
+Recipe (tau 0.1, crop_min 0.5, queue and remote bank 256): chosen on the holdout, see results/recipes.md.
+Expected: see results/claims.md and results/results.md (the committed cells); the last holdout numbers
+(4820159, 2026-12-02) predate the last-epoch uploads and are kept in results/recipes.md.
 """
 import copy
 from dataclasses import dataclass
@@ -95,15 +54,15 @@ import common
 @dataclass
 class Args(common.RunArgs):
     tau: float = 0.1
-    """temperature of L_FF (MoCo v2's; 0.2 scored lower on the holdout, see the docstring)"""
+    """temperature of L_FF (MoCo v2's; 0.2 scored lower on the holdout, see results/recipes.md)"""
     crop_min: float = 0.5
-    """smallest crop area; 0.5 instead of common's 0.2, chosen on the holdout (see the docstring)"""
+    """smallest crop area; 0.5 instead of common's 0.2, chosen on the holdout, see results/recipes.md"""
     momentum: float = 0.99
     """m of the momentum encoder: xi <- m xi + (1 - m) theta"""
     proj_dim: int = 128
     """output size of the projection head (the space of keys, queue and remote features)"""
     queue_size: int = 256
-    """K = |Q_l|: keys in each client's local queue (kept across rounds; 256 chosen on the holdout, see the docstring)"""
+    """K = |Q_l|: keys in each client's local queue (kept across rounds; 256 chosen on the holdout, see results/recipes.md)"""
     remote_features: int = 256
     """M: features each client uploads per round (0 = no fusion, i.e. FedAvg + MoCo)"""
     remote_bank: int = 256

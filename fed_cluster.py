@@ -1,58 +1,48 @@
 """Federated SSL with contrastive vs non-contrastive losses, then federated deep clustering (two stages).
 
-Paper: R. Miao and E. Koyuncu, "Contrastive and Non-Contrastive Strategies for Federated
-Self-Supervised Representation Learning and Deep Clustering", IEEE Journal of Selected Topics in
-Signal Processing, 2024, https://doi.org/10.1109/JSTSP.2024.3461311
-
-ONLY THE ABSTRACT IS KNOWN. There is no preprint and no public code, so nearly everything in this
-file is our reconstruction. The abstract makes four claims (two tasks on non-IID clients: federated
-self-supervised representation learning, FedSSRL, and federated clustering, FedCl); they are the
-only statements a reader can check this file against:
+Paper: R. Miao and E. Koyuncu, "Contrastive and Non-Contrastive Strategies for Federated Self-Supervised
+Representation Learning and Deep Clustering", IEEE Journal of Selected Topics in Signal Processing, 2024,
+https://doi.org/10.1109/JSTSP.2024.3461311. ONLY THE ABSTRACT IS KNOWN: no preprint, no public code, so nearly
+everything here is our reconstruction. Its four claims (non-IID clients; federated self-supervised
+representation learning, FedSSRL, and federated clustering, FedCl) are all a reader can check it against:
   1. a two-stage model (representation learning first, then clustering) works well for BOTH tasks;
   2. adding a contrastive loss as a regulariser helps a lot, even for representation learning;
   3. for FedCl, a contrastive loss is best in both stages;
   4. for FedSSRL, a non-contrastive loss (as the main loss) is best.
 `--sweep true` runs the comparisons behind these claims and writes one table saying which hold here.
-
-[paper]   (abstract) two stages; contrastive, non-contrastive and contrastive-regularised losses;
-          FedSSRL and FedCl on non-IID clients.
-[related] FedMCC (same authors, arXiv 2206.05093): online + momentum target network, two stages.
+[paper] (abstract) two stages; contrastive, non-contrastive and contrastive-regularised losses; FedSSRL and
+  FedCl on non-IID clients. [related] FedMCC (same authors, arXiv 2206.05093): online + EMA target, two stages.
 [reconstruction], all of the following:
-  - networks: online encoder f, projector g, predictor q (BYOL's, used by the non-contrastive loss)
-    and cluster head c: h -> softmax over M clusters (M = number of classes, MLP d -> d -> M without
-    BatchNorm as in Contrastive Clustering, so train and eval mode assign alike);
-    target f', g', c' = EMA copies of the online ones, xi <- m xi + (1 - m) theta, m = 0.99 per step.
+  - networks: online encoder f, projector g, predictor q (BYOL's, for the non-contrastive loss), cluster head
+    c: h -> softmax over M clusters (M = number of classes; MLP d -> d -> M without BatchNorm as in
+    Contrastive Clustering, so train and eval mode assign alike); targets f', g', c' = EMA copies,
+    xi <- m xi + (1 - m) theta, m = 0.99 per step.
   - stage 1 (rounds 1 .. R - C): --loss noncontrastive: L_N = (2 - 2 cos(q(z1), z2')) + (2 - 2 cos(q(z2), z1'))
     (BYOL, z' from the target); contrastive: L_C = NT-Xent over the batch (SimCLR, tau 0.5);
     both: L_N + lambda_C L_C (the contrastive "regulariser").
-  - stage 2 (the last C = --cluster-rounds rounds): the stage-1 (instance) loss is kept and a cluster
-    loss added. contrastive (Contrastive Clustering, Li et al., AAAI 2021): NT-Xent over the M
-    columns of the two views' B x M assignment matrices (tau_c = 1.0) plus log M + sum_m P_m log P_m
-    per view (P = mean assignment; zero iff clusters are used uniformly, prevents collapse).
-    noncontrastive: cross-entropy from the target's sharpened assignment (temperature --tau-t) of
-    the other view to the online assignment, plus the same entropy term.
-  - federation: FedAvg (weighted by sample counts) of f, g, q and c; the targets stay on the client
-    and are re-initialised from the global online weights every round (--keep-target true: kept).
-  - evaluation: the encoder (kNN, linear probe) after stage 1 and after stage 2; the clustering
-    (argmax of c on the test set) with ACC (Hungarian matching), NMI and ARI (common.py).
-  --cluster-rounds = --rounds gives the one-stage baseline (cluster loss from round 1).
-Sanity anchor (centralized Contrastive Clustering, ResNet-34, CIFAR-10; not this paper): ACC 0.790,
-NMI 0.705, ARI 0.637. A federated non-IID run should land below these; above suggests a leak.
-
-torchrun: distributed (see distributed.py): client c trains on process c % N (its kept target stays
-there); the uploads are all-gathered and every process runs the same FedAvg, in both stages.
-Run:      python fed_cluster.py                       (Fashion-MNIST, 10 clients with 2 classes, CPU;
-                                                       rounds 1-10 stage 1, 11-20 stage 2)
+  - stage 2 (the last C = --cluster-rounds rounds): the stage-1 loss is kept and a cluster loss added.
+    contrastive (Contrastive Clustering, Li et al., AAAI 2021): NT-Xent over the M columns of the two views'
+    B x M assignment matrices (tau_c = 1.0) plus log M + sum_m P_m log P_m per view (P = mean assignment;
+    zero iff clusters are used uniformly, prevents collapse). noncontrastive: cross-entropy from the
+    target's sharpened assignment (temperature --tau-t) of the other view to the online one, plus the same
+    entropy term. --cluster-rounds = --rounds gives the one-stage baseline (cluster loss from round 1).
+  - federation: FedAvg (weighted by sample counts) of f, g, q and c; the targets stay on the client and are
+    re-initialised from the global online weights every round (--keep-target true: kept).
+  - evaluation: the encoder (kNN, linear probe) after stage 1 and after stage 2; the clustering (argmax of c
+    on the test set) with ACC (Hungarian matching), NMI and ARI (common.py).
+Sanity anchor (centralized Contrastive Clustering, ResNet-34, CIFAR-10; not this paper): ACC 0.790, NMI
+0.705, ARI 0.637: a federated non-IID run should land below (above suggests a leak); a constant clustering
+has ACC 0.10, NMI 0, ARI 0.
+torchrun (distributed.py): client c on process c % N (its kept target too); uploads all-gathered, the
+same FedAvg on every process, in both stages.
+Run:      python fed_cluster.py     (Fashion-MNIST, 10 clients, 2 classes each, CPU; stage 2 = rounds 11-20)
           python fed_cluster.py --loss contrastive --cluster-loss noncontrastive --cluster-rounds 5
           python fed_cluster.py --sweep true --sweep-seeds 3    (the four claims; one table)
-          python fed_cluster.py --preset paper        (CIFAR-10, ResNet-18: our GPU setting, the
-                                                       paper's own is unknown)
-Expected (2 cores, ~2 min): `--train-size 2000 --test-size 2000 --batch-size 32 --rounds 10
---probe-epochs 10` gives kNN ~0.61 (random encoder 0.52) and clustering ACC ~0.38, NMI ~0.36,
-ARI ~0.23 with all 10 clusters used (a constant clustering has ACC 0.10, NMI 0, ARI 0). The linear
-probe of so short a run is at or below the random encoder's (0.75): random conv features are
-strong on Fashion-MNIST. Mind the batch: a client needs several steps per round (--batch-size 128
-on 200 images is ONE step, and the cluster head then stays near uniform).
+          python fed_cluster.py --preset paper (CIFAR-10, ResNet-18: our GPU setting; the paper's is unknown)
+Mind the batch: a client needs several steps per round (--batch-size 128 on 200 images is ONE step, and the
+cluster head then stays near uniform).
+Expected: see results/claims.md and results/results.md (the committed cells); a short run's numbers from
+e60a4f1 (2026-11-23, before the per-client streams) are in results/recipes.md.
 """
 import copy
 import itertools

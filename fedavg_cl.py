@@ -5,12 +5,15 @@ Papers: McMahan et al., "Communication-Efficient Learning of Deep Networks from 
 Learning of Visual Representations" (ICML 2020, arXiv 2002.05709) for SimCLR. Their combination is
 the standard baseline of federated self-supervised learning (e.g. Zhuang et al., ICCV 2021).
 
-What is faithful: [FedAvg] every round each sampled client starts from the global weights, runs E
-local epochs with a fresh optimizer, and the server takes the sample-count-weighted average of the
-whole state dict (BatchNorm statistics included). [SimCLR] two augmented views per image, an MLP
-projector, NT-Xent with temperature tau over the 2B views of a batch (Eq. 1 of the SimCLR paper).
-Our choices: the small CNN and the CPU-sized defaults; both views go through the network as one
-batch (so BatchNorm sees 2B images), which is what most SimCLR code does.
+Algorithm, per round:
+  1. sample clients; each starts from the global weights w and runs E local epochs with a fresh
+     optimizer on L = NT-Xent(z1, z2; tau) over the 2B views of a batch (SimCLR Eq. 1), z = g(f(view));
+  2. the server sets w <- sum_k (n_k / n) w_k (FedAvg, Algorithm 1) over the WHOLE state dict.
+[paper] FedAvg: fresh local optimizer, E local epochs, sample-count-weighted mean of the state dict
+        (BatchNorm statistics included). SimCLR: two augmented views per image, MLP projector, NT-Xent.
+[reconstruction] the small CNN and the CPU-sized defaults; tau 0.2 and crop_min 0.5 (common's is 0.2)
+        chosen on the holdout, see results/recipes.md; both views go through the network as one batch
+        (BatchNorm sees 2B images), which is what most SimCLR code does.
 `--clients 1` is centralized SimCLR with the same number of image passes (E epochs per round).
 
 Run:      python fedavg_cl.py                    (10 clients, 2 classes each, Fashion-MNIST, CPU)
@@ -18,22 +21,10 @@ Run:      python fedavg_cl.py                    (10 clients, 2 classes each, Fa
           python fedavg_cl.py --preset paper     (CIFAR-10, ResNet-18, 5 clients, 2 classes each,
                                                   100 rounds x 5 local epochs, SGD 0.032: the
                                                   FedU/FedEMA setting of Zhuang et al.; for a GPU)
-Recipe, chosen on the validation split only (--holdout 5000: 5,000 training images held out as kNN
-queries, the test set untouched; default budget, seed 0, one run each; random encoder 0.689 / 0.808):
-  crop_min 0.5 instead of common's 0.2 (here and in local_cl.py, the same learner without the server):
-    python fedavg_cl.py --holdout 5000 --crop-min C                 C=0.2: kNN 0.718, linear 0.831
-                                                                    C=0.5: kNN 0.734, linear 0.833
-    python fedavg_cl.py --holdout 5000 --clients 1 --crop-min C     C=0.2: kNN 0.759, linear 0.857
-                                                                    C=0.5: kNN 0.769 at round 10 (not run to 20)
-  tried, not taken: with --clients 1 --rounds 10 (kNN at round 10, 0.756 at the defaults) --lr 3e-3
-    0.765, --batch-size 64 0.761, both 0.763, --crop-min 0.5 0.769; at the full budget, crop 0.5 with
-    --lr 3e-3 --batch-size 64 gives kNN 0.794, linear 0.869 with --clients 1 (best centralized; target 0.80
-    missed) but 0.725 (linear 0.828) with 10 clients, below crop 0.5 alone (more local steps per round
-    drift further), so lr 1e-3 and batch 128 stay.
-Expected (holdout, default flags): kNN 0.734 vs 0.689 for a random encoder, linear 0.833 vs 0.808;
-re-measured after the per-client random streams and the fused augmentation (other draws of the same
-run): seed 0 kNN 0.728, linear 0.829; seed 1 kNN 0.727 vs 0.680, linear 0.831 vs 0.811.
-Test-set numbers (default setting, 3 seeds): README's results: kNN 0.733, centralized 0.771.
+Recipe: holdout numbers, seeds and commits in results/recipes.md.
+Expected (holdout, `python fedavg_cl.py --holdout 5000 --seed S`, measured at f777e61, 2026-12-02):
+seed 0 kNN 0.728 vs 0.689 for a random encoder, linear 0.829 vs 0.808; seed 1 kNN 0.727 vs 0.680, linear
+0.831 vs 0.811. Test set (default run, 3 seeds): the committed cells of results/results.md.
 """
 import copy
 from dataclasses import dataclass
@@ -49,11 +40,11 @@ import common
 @dataclass
 class Args(common.RunArgs):
     tau: float = 0.2
-    """NT-Xent temperature (0.2 chosen on a held-out validation split for batch 128; --preset paper uses SimCLR's 0.5)"""
+    """NT-Xent temperature (0.2 chosen on the holdout for batch 128, see results/recipes.md; --preset paper uses SimCLR's 0.5)"""
     proj_dim: int = 128
     """output size of the projection head"""
     crop_min: float = 0.5
-    """smallest crop area; 0.5 instead of common's 0.2, chosen on the holdout (see the docstring)"""
+    """smallest crop area; 0.5 instead of common's 0.2, chosen on the holdout, see results/recipes.md"""
     weighted: bool = True
     """FedAvg weights clients by their number of images (false: unweighted mean)"""
 

@@ -18,6 +18,7 @@ the SimCLR augmentation of every row) instead of two, a linear head on the encod
 
 Run:      python fedavg_sl.py                  (10 clients, 2 classes each, Fashion-MNIST, CPU minutes)
           python fedavg_sl.py --partition dirichlet --alpha 0.1
+Recipe: fedavg_cl.py's, not tuned separately (results/recipes.md holds every method's holdout evidence).
 Expected: far above every self-supervised row with all labels (it was trained on them); the question the
 ledger asks is whether Dec-SSL closes the gap in kNN with 1 % of the labels (results/claims.md).
 """

@@ -24,10 +24,10 @@ Consequences: `--topology complete --gossip-steps 1` is fedavg_cl.py --weighted 
 `--topology none` is local training, but unlike local_cl.py every client starts from the same weights
 and takes a fresh optimizer each round. Without torchrun all clients run in one process, and each
 client's row of the stacked weights stands for what it would send to its neighbours.
-Evaluation: the headline knn_acc / linear_acc (and every other key of the shared evaluation) is the MEAN
-OVER CLIENT MODELS, what a client actually holds; `consensus` holds the same evaluation of the average
-model (which no client holds unless all of them average once more); per-round: knn_acc (client mean),
-knn_acc_consensus, consensus distance before and after gossip, bytes sent per client.
+Evaluation: the headline knn_acc / linear_acc (every key of the shared evaluation) is the MEAN OVER
+CLIENT MODELS, what a client holds; `consensus` = the same for the average model (which no client holds
+unless all average once more); per round: knn_acc, knn_acc_consensus, consensus distance before and
+after gossip, bytes sent per client.
 
 torchrun: distributed (see distributed.py): client c trains on process c % N; then one all-gather gives
 every process every client's weights and each applies the same mixing step X <- W X. That moves each
@@ -37,7 +37,9 @@ would need point-to-point sends and is not built.
 Run:      python gossip_cl.py                          (ring of 10 clients, 2 classes each, Fashion-MNIST)
           python gossip_cl.py --topology complete      (= FedAvg, unweighted)
           python gossip_cl.py --topology random --degree 3 --gossip-steps 2
-Expected: see the README's note on gossip (ring vs complete vs local, one seed, reduced budget).
+Recipe: fedavg_cl.py's SimCLR learner (tau 0.2, crop_min 0.5), not tuned here; see results/recipes.md.
+Expected: see the README's note on gossip (ring vs complete vs local, one seed, reduced budget) and
+the committed cells of results/results.md.
 """
 from dataclasses import dataclass
 from typing import ClassVar
@@ -54,7 +56,7 @@ TOPOLOGIES = ("ring", "torus", "random", "complete", "none")
 @dataclass
 class Args(common.RunArgs):
     tau: float = 0.2
-    """NT-Xent temperature (0.2 chosen on a held-out validation split for batch 128; --preset paper uses SimCLR's 0.5)"""
+    """NT-Xent temperature (0.2 chosen on the holdout for batch 128, see results/recipes.md; --preset paper uses SimCLR's 0.5)"""
     proj_dim: int = 128
     """output size of the projection head"""
     crop_min: float = 0.5

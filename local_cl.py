@@ -5,20 +5,20 @@ Paper: Chen et al., "A Simple Framework for Contrastive Learning of Visual Repre
 what a client gets without collaborating. It is fedavg_cl.py with the server removed:
 `diff fedavg_cl.py local_cl.py` shows exactly that.
 
-What is faithful: [SimCLR] two augmented views, MLP projector, NT-Xent with temperature tau.
-Our choices: each client keeps its own model AND its own optimizer across rounds (a "round" here is
+[paper] SimCLR: two augmented views, MLP projector, NT-Xent with temperature tau (Eq. 1).
+[reconstruction] each client keeps its own model AND its own optimizer across rounds (a "round" here is
 only a bookkeeping unit of E local epochs, so the image-pass budget equals fedavg_cl's); every
 client's encoder is evaluated with the shared protocol (bank = the whole training set in use, so a
 2-class client is asked about all 10 classes); the summary reports each client's numbers and their
 mean and std, and the headline knn_acc / linear_acc are the means. The per-round kNN is the mean
-over clients.
+over clients. The learner is fedavg_cl.py's, crop_min 0.5 included (chosen there on the holdout, not
+re-measured here): the lower bound must differ from FedAvg only by the missing server.
 
 Run:      python local_cl.py                    (10 clients, 2 classes each, Fashion-MNIST, CPU)
           python local_cl.py --preset paper     (CIFAR-10, ResNet-18, 5 clients, 2 classes each; GPU)
-Recipe: the same SimCLR learner as fedavg_cl.py, crop_min 0.5 included (chosen there on the holdout;
-not re-measured here): the lower bound must differ from FedAvg only by the missing server.
-Expected (measured before crop_min 0.5, default flags, 2 CPU cores, 536 s): mean kNN 0.720 vs 0.682 for a random encoder,
-linear 0.828 vs 0.809, slightly below fedavg_cl's kNN (0.724); 3-seed means: README's results.
+Recipe and an older single-run measurement: results/recipes.md.
+Expected: see results/claims.md and results/results.md (the committed cells: default setting, 3 seeds;
+the premise "FedAvg beats local training" is a claim there).
 """
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,7 +33,7 @@ import common
 @dataclass
 class Args(common.RunArgs):
     tau: float = 0.2
-    """NT-Xent temperature (0.2 chosen on a held-out validation split for batch 128; --preset paper uses SimCLR's 0.5)"""
+    """NT-Xent temperature (0.2 chosen on the holdout for batch 128, see results/recipes.md; --preset paper uses SimCLR's 0.5)"""
     proj_dim: int = 128
     """output size of the projection head"""
     crop_min: float = 0.5

@@ -1,100 +1,49 @@
 """MocoSFL: split federated learning + MoCo, with up to 1000 clients on one machine.
 
-Paper: J. Li, L. Lyu, D. Iso, C. Chakrabarti, M. Spranger, "MocoSFL: enabling cross-client
-collaborative self-supervised learning", ICLR 2023, https://openreview.net/forum?id=2QGJXyMNoPz
-Official code: https://github.com/SonyResearch/MocoSFL ([code] below; [paper] = the paper's text).
-
-The backbone is cut after `--cut-layer` units. Each client holds only the tiny part before the cut
-(C_i) and its momentum copy (Cbar_i); the server holds the rest plus the projection head (S) and its
-momentum copy (Sbar). One step, for all clients of this round's pool:
-  1. client i: h_q = C_i(x_q) (graph kept), Cbar_i <- m Cbar_i + (1-m) C_i, h_k = Cbar_i(x_k)   [code]
-  2. server: H_q = cat_i h_q, H_k = cat_i h_k (latent-vector concatenation)                   [paper]
-     Sbar <- m Sbar + (1-m) S; L = InfoNCE(S(H_q), Sbar(H_k), queue) + InfoNCE(S(H_k), Sbar(H_q), queue),
-     one shared queue of keys from all clients (feature sharing), one SGD step                [paper, code]
-  3. client i receives its slice of dL/dH_q (only the first term reaches it), back-propagates and
-     steps its own SGD optimizer (momentum 0.9, weight decay; its buffer persists)           [code]
-  4. every `--sync-every` steps and at the end of the round: the unweighted mean of the pool's ONLINE
-     client models is loaded into every client (frequent synchronisation). Momentum models are not
-     averaged [code]; `--sync-momentum true` averages them too (MonAcoSFL's fix)              [code, later paper]
-A round is one epoch: every pool client passes `--local-epochs` times over its data. Pool, batch and
-epochs follow the code's auto-adjust rule: all clients if fewer than 200, else a pool of N / (N // 100)
-(100 to 199 clients; `--participation` 1 / (N // 100)); B = 100 // pool images per client (at least 1), so
-the server batch is about 100; with sampling the number of epochs is multiplied by N // 100, so the data
-seen stays `--passes` passes.                                                                 [code]
-Network [code]: GroupNorm (4 channels per group) + weight standardisation everywhere (clients train on
-micro-batches of one image); `--preset paper` = ResNet-18 (CIFAR stem), units [stem, 8 basic blocks]:
-cut 1 = MocoSFL-1 (1,856 client parameters), cut 2 = MocoSFL-3 (75,840: stem + first block, 3 convs);
-head Linear(512,1024) ReLU Linear(1024,1024), queue 6000, tau 0.1, m 0.99, SGD 0.06 cosine, wd 5e-4.
-[reconstruction] The CPU default is the small CNN (3 conv blocks = 3 units) with a 128-wide head.
-Where we differ from the code, and why:
-  - steps per round = (local_epochs x mean pool-client size) // B, each client drawing from its own fresh
-    shuffled stream (wrapping around if it holds fewer images); the code runs len(client 0's loader)
-    steps (last partial batch included) for every client.
-  - sync points: every `--sync-every` steps (default 50) and at the end of the round. The code syncs
-    1000 // (B x N) times per epoch (auto-adjust), i.e. every steps // that: every 50 steps in the paper's
-    CIFAR-10 settings (10 syncs/epoch at 5 and 100 clients, 5 at 200, 1 at 1000), but every 10 steps on
-    our default 5-client Fashion-MNIST run (100 steps/epoch); `--sync-every 10` reproduces that there.
-  - learning rate: one cosine value per round, cosine_lr(), for server AND clients. The code steps the
-    server's cosine scheduler once per epoch, but each CLIENT's, CosineAnnealingLR(T_max = epochs)
-    (functions/sflmoco_functions.py 51), once per client step (functions/sfl_functions.py 138), so the
-    client lr runs 0.06 -> 0 -> 0.06 every 2 x epochs client steps: 400 at 200 epochs, about 1.25 of
-    those cycles per epoch at 5 or 100 clients (500 steps each), and about 2.5 over a whole 1000-client
-    run (2000 epochs; a client takes 50 steps in each of the ~200 it is sampled for); we read that as a
-    defect and do not copy it.
-  - averaging: the real mean of the pool. The code's average_weights starts its sum from client 0's
-    model, not the first pool client's, so under sampling it drops the first pool model and counts
-    client 0's (pool [3, 1, 4] with models worth 3, 1, 4 and client 0's worth 0: (0 + 1 + 4) / 3 = 1.667
-    instead of 2.667); with all clients in the pool (N < 200) both agree.
-  - the projection head keeps PyTorch's default initialisation (the code: xavier).
-Paper numbers: 86.46 / 84.75 (1000 clients, non-IID CIFAR-10) are the code's protocol: the checkpoint
-with the best test kNN, then the best test epoch of the linear probe, with Gaussian blur and crop scale
-0.08 in the augmentation (RandomResizedCrop(32)'s default, datasets.py 213; `--preset paper` keeps our
-0.2, add --crop-min 0.08 for the code's); ours is the last probe epoch of the final model
-(common-protocol.md), so expected to be lower. The abstract's ">84 %" is MocoSFL-3, i.e. `--cut-layer 2`
-with `--preset paper`.
-Out of scope: TAResSFL (the paper's privacy extension: a frozen, inversion-resistant client model with
-a bottleneck) and the model-inversion attack.
-
-How 1000 clients stay practical: the pool's client weights are STACKED tensors (one leading client
-dimension) and one step runs `vmap(functional_call(C, w_i, x_i))` over that dimension. vmap computes
-exactly what `for i in pool: h[i] = C(w[i], x[i])` computes (a convolution with per-client weights
-becomes one grouped convolution with a group per client); row i of the output depends only on row i of
-the weights, so back-propagating the server's gradient puts client i's own gradient in row i, and the
-SGD update, being elementwise, applied to the stacked tensors is each client's own optimizer step.
-The test file checks this against N separate per-client models and optimizers.
-
-Logged: communication per client, mean over all clients in MiB (weights sent at syncs, one direction
-as the paper counts it, the download is as large; smashed activations h_q and h_k sent; gradients
-received), and the memory a client needs for one step (weights, gradient, SGD buffer, momentum model,
-the activations autograd keeps, and h_q, h_k, dL/dh_q), measured with saved-tensor hooks.
-
-Random numbers: each pool client draws its image order and its views' augmentation from its own stream,
-seeded by (seed, round, client) (run.client(c), as in every method), one augmentation call per client
-for the steps up to the next sync.
-torchrun (OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node N mocosfl.py ...): client c lives on
-process c % N with its rows of the momentum models and SGD buffers and its stream. Each step, every process
-computes its clients' h_q, h_k; one all-gather (run.gather) brings the whole pool's to every process in
-pool order, and every process runs the same server step on them (the server is replicated, as in the
-other methods), so no gradient is sent back: each takes its clients' rows of dL/dH_q. At syncs a second
-all-gather brings the pool's client weights. What crosses is what the paper's clients upload (h_q, h_k,
-weights: upload_bytes). The cost of this choice: the server's work, most of a step, is repeated on every
-process, so only the clients' part runs in parallel (a server on one process would need a scatter of the
-gradients and leave the others idle as long). N processes give one process's numbers bit for bit on the
-CPU (tests/test_distributed.py; GROUPS says what that needed).
-Checkpoint: 4.4 MiB (default), 184 MiB (--preset paper), 747 MiB (paper with --cut-layer 2); the preset
-writes it every 50 rounds (--checkpoint-every), 40 times in 2000 rounds (7.2 / 29 GiB instead of 358 / 1460).
-
+Paper: J. Li, L. Lyu, D. Iso, C. Chakrabarti, M. Spranger, "MocoSFL: enabling cross-client collaborative
+self-supervised learning", ICLR 2023, https://openreview.net/forum?id=2QGJXyMNoPz. Official code:
+https://github.com/SonyResearch/MocoSFL ([code] below; [paper] = the paper's text).
+The backbone is cut after `--cut-layer` units: client i holds the part before the cut (C_i) and its momentum
+copy (Cbar_i); the server holds the rest plus the head (S) and its momentum copy (Sbar). One step, pool-wide:
+  1. client i: h_q = C_i(x_q) (graph kept), Cbar_i <- m Cbar_i + (1-m) C_i, h_k = Cbar_i(x_k)       [code]
+  2. server: H_q = cat_i h_q, H_k = cat_i h_k (latent-vector concatenation); Sbar <- m Sbar + (1-m) S;
+     L = InfoNCE(S(H_q), Sbar(H_k), queue) + InfoNCE(S(H_k), Sbar(H_q), queue), one queue of keys from all
+     clients (feature sharing), one SGD step                                                  [paper, code]
+  3. client i gets its slice of dL/dH_q (only the first term reaches it), back-propagates, steps its own
+     SGD (momentum 0.9, weight decay; its buffer persists)                                            [code]
+  4. every `--sync-every` steps and at the round's end the pool's ONLINE client models become their mean
+     (unweighted); momentum models are not [code]; `--sync-momentum true`: they too (MonAcoSFL) [later paper]
+[code] A round = one epoch (`--local-epochs` passes per pool client); all clients if fewer than 200, else a
+  pool of N / (N // 100) and N // 100 times the epochs (same `--passes`); B = 100 // pool images per client
+  (at least 1). GroupNorm (4 channels per group) + weight standardisation (micro-batches of one image);
+  `--preset paper` = ResNet-18 (CIFAR stem), units [stem, 8 basic blocks]: cut 1 = MocoSFL-1 (1,856 client
+  parameters), cut 2 = MocoSFL-3 (75,840); head Linear(512,1024) ReLU Linear(1024,1024), queue 6000, tau 0.1,
+  m 0.99, SGD 0.06 cosine, wd 5e-4. [reconstruction] CPU default: the small CNN (3 units), a 128-wide head.
+Where we differ from the code ([reconstruction]):
+  - steps per round = (local_epochs x mean pool-client size) // B, each client on its own shuffled stream
+    (wrapping around); the code runs len(client 0's loader) steps (last partial batch included) for all.
+  - sync every 50 steps by default; the code syncs 1000 // (B x N) times per epoch: every 50 steps in the
+    paper's CIFAR-10 settings, every 10 on our 5-client Fashion-MNIST run (there `--sync-every 10`; sync()).
+  - one cosine lr per round (cosine_lr()) for server AND clients. Defect: the code steps each client's
+    CosineAnnealingLR(T_max = epochs) (functions/sflmoco_functions.py 51) once per client STEP
+    (functions/sfl_functions.py 138): its client lr cycles 0.06 -> 0 -> 0.06 every 2 x epochs steps.
+  - averaging: the real pool mean. Defect: the code's average_weights starts its sum from client 0's model,
+    not the first pool client's (see sync()); both agree when all clients are in the pool (N < 200).
+  - the head keeps PyTorch's default initialisation (the code: xavier).
+Paper numbers 86.46 / 84.75 (linear probe, 1000 clients, non-IID CIFAR-10, 200 passes; MocoSFL-1 / -3; the
+abstract's ">84 %" = --cut-layer 2) use the best-test-kNN checkpoint's best probe epoch, Gaussian blur and
+crop scale 0.08 (datasets.py 213; add --crop-min 0.08); ours: the final model's last probe epoch, so lower.
+Out of scope: TAResSFL (privacy: a frozen, inversion-resistant client model, bottleneck), inversion attacks.
+1000 clients: the pool's weights are STACKED (a leading client dimension), one vmap(functional_call(C, w_i,
+x_i)) does what the per-client loop does (client_forward). Each pool client has its own stream run.client(c)
+(seed, round, client). Logged: MiB per client (weights at syncs, h_q, h_k, gradients), one step's client
+memory (saved-tensor hooks). torchrun: client c on process c % N, the server step replicated (run_round).
 Run:      python mocosfl.py --clients 1000 --partition classes --classes-per-client 2   (CPU, minutes)
           python mocosfl.py --clients 5                         (5 clients, 20 images each per step)
-          python mocosfl.py --preset paper                      (CIFAR-10 ResNet-18, 1000 clients, 200
-                                                                 passes = 2000 rounds; for a GPU)
+          python mocosfl.py --preset paper                      (1000 clients, 2000 rounds; for a GPU)
           torchrun --standalone --nproc_per_node 2 mocosfl.py --clients 1000   (the pool on 2 processes)
-Speed:    train_images_per_s(clients, images, device) below (for benchmark.py).
-Expected: the first command (60 rounds, 6 passes; 8 min on 2 shared, busy cores): kNN 0.752 vs
-0.737 for the random encoder, linear probe 0.834 vs 0.799 (measured before the per-client streams, so
-another draw of the same run; not re-measured); views/s nearly flat from 5 to 1000 clients.
-Paper (linear probe, CIFAR-10, 1000 clients, non-IID, 200 passes; best test epoch of the best-kNN
-checkpoint, see above): 86.46 (MocoSFL-1), 84.75 (MocoSFL-3).
+Expected: see results/claims.md and results/results.md (the committed cells); an old 1000-client number
+(1c978ae, 2026-11-23, before the per-client streams) and the checkpoint sizes are in results/recipes.md.
 """
 import copy
 import math
@@ -159,7 +108,7 @@ class Args(common.RunArgs):
                                  classes_per_client=2, passes=200, proj_dim=1024, train_size=0,
                                  eval_every=50, probe_epochs=100, checkpoint_every=50)
 
-    TORCHRUN: ClassVar[bool] = True       # runs under torchrun: the pool's clients spread over processes (docstring)
+    TORCHRUN: ClassVar[bool] = True       # runs under torchrun: the pool's clients spread over processes (see run_round)
 
     def check(self):
         if self.norm == "bn":
@@ -226,6 +175,9 @@ def client_forward(client: nn.Module, w: dict, x: torch.Tensor, groups: int = 1)
         pad = torch.arange(groups - len(x), device=x.device) % len(x)
         w_pad = {k: torch.cat([v, v.detach()[pad]]) for k, v in w.items()}
         return client_forward(client, w_pad, torch.cat([x, x[pad]]))[:len(x)]
+    # vmap computes exactly what `for i in pool: h[i] = C(w[i], x[i])` computes; row i of the output depends
+    # only on row i of the weights, so backward puts client i's own gradient in row i, and the elementwise
+    # SGD update of the stacked tensors is each client's own step (tests: N separate models and optimizers)
     return vmap(lambda wi, xi: functional_call(client, wi, (xi,)))(w, x)
 
 
@@ -257,6 +209,12 @@ def sync(w: dict, w_m: dict, with_momentum: bool, everyone=None) -> list:
     """Frequent synchronisation: every pool client receives the unweighted mean of the pool's online
     client models (and of their momentum models with --sync-momentum); returns the means.
     everyone (torchrun): this process's clients' rows -> the whole pool's, stacked in pool order."""
+    # [code] differs: average_weights starts its sum from client 0's model, not the first pool client's, so
+    # under sampling it drops the first pool model and counts client 0's (pool [3, 1, 4], models worth 3, 1, 4,
+    # client 0's worth 0: (0 + 1 + 4) / 3 = 1.667 instead of 2.667); with all clients in the pool (N < 200) both
+    # agree. Spacing: the code syncs 1000 // (B x N) times per epoch (auto-adjust), every steps // that: every
+    # 50 steps in the paper's CIFAR-10 settings (10 syncs/epoch at 5 and 100 clients, 5 at 200, 1 at 1000),
+    # every 10 on our default 5-client Fashion-MNIST run (100 steps/epoch); we sync every --sync-every (50).
     means = []
     for models in ([w, w_m] if with_momentum else [w]):
         pool = models if everyone is None else everyone(models)
@@ -378,6 +336,12 @@ def run_round(st, pool, orders, steps, lr, args, views, gather=None):
                "w_m": as_params(st["client_m"][ids], st["client"]),
                "buf": as_params(st["client_buf"][ids], st["client"]), "groups": min(P, GROUPS)}
     share = everyone = None
+    # torchrun: every process runs the same server step on the gathered h_q, h_k (the server is replicated, as
+    # in the other methods), so no gradient is sent back: each takes its clients' rows of dL/dH_q. What
+    # crosses is what the paper's clients upload (h_q, h_k, weights at syncs: upload_bytes). The cost: the
+    # server's work, most of a step, is repeated on every process, so only the clients' part runs in parallel
+    # (a server on one process would need a scatter of the gradients and leave the others idle as long).
+    # N processes give one process's numbers bit for bit on the CPU (tests/test_distributed.py; see GROUPS).
     if gather is not None:                 # torchrun: what crosses between the processes
         rows = torch.tensor([pool.index(c) for c in mine], dtype=torch.long, device=dev)
 
@@ -389,6 +353,7 @@ def run_round(st, pool, orders, steps, lr, args, views, gather=None):
             got = gather({c: {k: v[i].detach().clone() for k, v in models.items()} for i, c in enumerate(mine)})
             return {k: torch.stack([got[c][k] for c in pool]) for k in models}
     loss_sum, meta = torch.zeros((), device=dev), st["meta"]
+    # communication is counted one direction, as the paper does (weights up at syncs; the download is as large)
     weight_bytes = common.state_bytes(st["client"]) * (2 if args.sync_momentum else 1)
     x_q = x_k = torch.empty(0)
     for t in range(steps):
@@ -417,7 +382,8 @@ def checkpoint_every(run: common.Run, k: int):
     """Run writes its checkpoint after every round; this keeps it to rounds k, 2k, ..., the last one, and a
     round after which some process was interrupted (Ctrl-C; one all-reduce, so the processes agree). A run
     that dies otherwise resumes after the last checkpoint, and redoes the rounds since exactly (each round's
-    draws come from its own seeds)."""
+    draws come from its own seeds). Sizes: 4.4 MiB (default), 184 MiB (--preset paper), 747 MiB (paper with
+    --cut-layer 2); the preset writes every 50 rounds: 40 times in 2000 rounds, 7.2 / 29 GiB, not 358 / 1460."""
     save = run._save              # common.Run has no such option; wrapping it leaves common.py as it is
 
     def save_some(rnd: int):
@@ -428,6 +394,11 @@ def checkpoint_every(run: common.Run, k: int):
 
 def cosine_lr(args: Args, rnd: int) -> float:
     """lr of round rnd (1-based) for server and clients: args.lr * (1 + cos(pi (rnd - 1) / R)) / 2."""
+    # [code] differs: each CLIENT's CosineAnnealingLR(T_max = epochs) (functions/sflmoco_functions.py 51) is
+    # stepped once per client step (functions/sfl_functions.py 138), so the client lr runs 0.06 -> 0 -> 0.06
+    # every 2 x epochs client steps: 400 at 200 epochs, about 1.25 cycles per epoch at 5 or 100 clients (500
+    # steps each), about 2.5 over a whole 1000-client run (2000 epochs; a client takes 50 steps in each of the
+    # ~200 it is sampled for). We read that as a defect and do not copy it; the server's is stepped per epoch.
     return args.lr * 0.5 * (1 + math.cos(math.pi * (rnd - 1) / args.rounds))
 
 

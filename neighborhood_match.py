@@ -1,78 +1,44 @@
 """Feature fusion + neighborhood matching (FF + NM): CCL, the full method.
 
 Paper: Y. Wu, Z. Wang, D. Zeng, M. Li, Y. Shi, J. Hu, "Decentralized Unsupervised Learning of Visual
-Representations", IJCAI 2022, pp. 2326-2333, https://arxiv.org/abs/2111.10763 (collaborative
-contrastive learning, CCL). This file is feature_fusion.py plus CCL's second contribution,
-neighborhood matching (`diff feature_fusion.py neighborhood_match.py`). No official code is public, and only
-the abstract, introduction and overview figure of the paper could be read, so much here is ours:
-  [paper]  non-IID clients with few classes each suffer from false negatives (most "negatives" of a
-           2-class client share the query's class); one round = (1) every client uploads its model
-           AND features of its local data, (2) the server aggregates the models, (3) every client
-           downloads the aggregated model and the other clients' features ("remote features"),
-           (4) local learning that uses the remote features as extra negatives ("feature fusion")
-           and aligns each client's local features to the remote features so that the features
-           of all clients cluster well in one shared space ("neighborhood matching").
-  [reconstruction]  the local learner is MoCo-style (momentum encoder + queue); the parts of the paper
-           we could read do not name it.
-  [code]  symmetric loss, as the federated MoCo code of FedU/FedEMA (EasyFL) and MocoSFL does: both
-           views serve as query against the other view's key and both keys enter the queue; they
-           sum the two terms, we average them so the loss reads on the asymmetric loss's scale
-           (--symmetric false: MoCo v2's asymmetric loss, view 1 as query only).
-  [reconstruction]  everything else: MoCo v2 details (m=0.99, tau=0.1, MLP head,
-           random unit-vector queue at start, no shuffle-BN); one local queue per client kept
-           across rounds; uploaded features = L2-normalised momentum-encoder projections of M random
-           local images, one augmented view each, in train mode (FCL, the authors' predecessor, also
-           shared momentum features), taken from the LAST local epoch: the keys k+ = xi(v2) it
-           computed anyway, kept for M random images of that epoch. The paper does not say when the
-           features are computed; they were a separate pass after training (one more momentum-encoder
-           forward over M images per client and round); now a key is up to one epoch older, was
-           normalised with its training batch's statistics, and images of a dropped last partial
-           batch are never picked (feature_fusion.py --holdout 5000 --crop-min 0.2 --queue-size 1024
-           --remote-bank 1024, seed 0: kNN 0.687, linear 0.803; with the separate pass 0.689, 0.809;
-           one seed, within its noise). The server
-           keeps them for one round only; a client gets all other participants' features, subsampled
-           to --remote-bank rows; online AND momentum encoders restart from the global weights every
-           round; the loss L_FF below; FedAvg weighted by sample counts.
-  [reconstruction]  the NM loss, two forms (--nm-form), both matching against the neighbour set
-           N = Q_r + Q_l (--nm-local false: Q_r only; with 2 classes per client and disjoint
-           classes, remote rows alone hold no feature of the query's class, so remote-only matching
-           can only pull toward other classes):
-           entropy: DANCE-style soft neighbourhood entropy (Saito et al., NeurIPS 2020),
-             L_NM = -(1/B) sum_i sum_j p_ij log p_ij with p_ij = softmax_j(q_i . n_j / tau_nm);
-             minimising it makes every local feature commit to a few nearby features of N.
-           fcl [reconstruction, lineage]: the authors' predecessor FCL (Wu et al., MICCAI 2021) uses
-             remote features of the same PARTITION (slices from the same position of other clients'
-             volumes) as POSITIVES in an InfoNCE; natural images have no partitions, so our substitute
-             takes the top-k (--nm-topk) neighbours P_i of the key k_i in N as positives of q_i:
-             L_NM = -(1/B) sum_i (1/k) sum_{p in P_i} log( e^{q_i.p/tau} / (e^{q_i.k_i/tau} + sum_{n in N} e^{q_i.n/tau}) ).
-           L = L_FF + lambda L_NM, lambda = 0.1, tau_nm = 0.05, NM off for the first 10% of rounds
-           (early features are near random). Default form: entropy, chosen on the holdout
-           (python neighborhood_match.py --holdout 5000 --crop-min 0.2 [--nm-form fcl], default
-           budget, seed 0): entropy kNN 0.704, linear 0.814; fcl kNN 0.698, linear 0.815 (FedAvg +
-           MoCo 0.704 / 0.816, random encoder 0.689 / 0.808): one seed, a gap within seed noise.
-  [reconstruction]  --preset paper: CIFAR-10 and IID are the paper's headline setting (linear probe
-           88.90); ResNet-18, 5 clients, 100 rounds x 5 epochs, SGD 0.06, batch 256 and the bank
-           sizes are our guesses.
-Our loop reads (download, train, upload, aggregate): features uploaded in round r are used in r+1,
-which is the paper's (upload, aggregate, download, train) order seen from the client.
-Privacy: raw images never leave a client, but its features do (the paper mentions computing the
-shared features on mixed images; not done here). Labels are used for one diagnostic only: the
-false-negative ratio (share of a query's negatives with its class), logged on evaluation rounds
-with the local queue only (fn_ratio_local) and with the remote bank added (fn_ratio_fused).
-Label-free diagnostics as in feature_fusion.py (pos_beats_queue, pos_beats_batch, remote_mass).
-
-torchrun: distributed (see distributed.py): client c (its queue included) lives on process c % N; one
-all-gather per round brings every sampled client's model and uploaded features to every process, and each
-runs the same server step (FedAvg, the feature bank); upload_bytes = the models and features uploaded.
+Representations", IJCAI 2022, pp. 2326-2333, https://arxiv.org/abs/2111.10763 (collaborative contrastive
+learning, CCL). This file is feature_fusion.py plus CCL's second contribution, neighborhood matching
+(`diff feature_fusion.py neighborhood_match.py`). No official code is public and only the abstract,
+introduction and overview figure could be read (no equation numbers to cite), so much here is ours:
+[paper] non-IID clients with few classes suffer from false negatives (most "negatives" of a 2-class client
+  share the query's class); one round = (1) every client uploads its model AND features of its local data,
+  (2) the server aggregates the models, (3) every client downloads the aggregated model and the other
+  clients' features ("remote features", Q_r), (4) local learning uses them as extra negatives (L_FF, as
+  in feature_fusion.py) and aligns each client's local features to the remote features so that all
+  clients' features cluster well in one shared space ("neighborhood matching").
+[reconstruction] the local learner, the uploads and everything else of FF: as in feature_fusion.py (MoCo v2
+  details, one queue Q_l per client, last-epoch momentum keys as uploads, --remote-bank rows per client).
+[code] symmetric loss, as the federated MoCo code of FedU/FedEMA (EasyFL) and MocoSFL: both views serve as
+  query against the other's key and both keys enter the queue; they sum the two terms, we average them
+  (the asymmetric loss's scale; --symmetric false: MoCo v2's asymmetric loss, view 1 as query only).
+[reconstruction] the NM loss, two forms (--nm-form), both matching against the neighbour set N = Q_r + Q_l
+  (--nm-local false: Q_r only; with 2 disjoint classes per client the remote rows hold no feature of the
+  query's class, so remote-only matching can only pull toward other classes):
+  entropy (default): DANCE-style soft neighbourhood entropy (Saito et al., NeurIPS 2020),
+    L_NM = -(1/B) sum_i sum_j p_ij log p_ij, p_ij = softmax_j(q_i . n_j / tau_nm): every local feature
+    commits to a few nearby features of N.
+  fcl [reconstruction, lineage]: the authors' predecessor FCL (Wu et al., MICCAI 2021) takes remote features
+    of the same PARTITION (slices from the same position of other clients' volumes) as POSITIVES in an
+    InfoNCE; natural images have no partitions, so the top-k (--nm-topk) neighbours P_i of k_i in N are q_i's:
+    L_NM = -(1/B) sum_i (1/k) sum_{p in P_i} log( e^{q_i.p/tau} / (e^{q_i.k_i/tau} + sum_{n in N} e^{q_i.n/tau}) ).
+  L = L_FF + lambda L_NM, lambda 0.1, tau_nm 0.05, NM off for the first 10% of rounds (early features are
+  near random). The form was chosen on the holdout (one seed, a gap within noise): results/recipes.md.
+[reconstruction] --preset paper: CIFAR-10 and IID are the paper's headline setting (linear probe 88.90);
+  ResNet-18, 5 clients, 100 rounds x 5 epochs, SGD 0.06, batch 256 and the bank sizes are our guesses.
+Privacy and diagnostics as in feature_fusion.py (fn_ratio_local / fn_ratio_fused from labels on eval rounds;
+pos_beats_queue, pos_beats_batch, remote_mass); loss_nm = L_NM alone, every round. torchrun: as there.
 Run:      python neighborhood_match.py                   (10 clients, 2 classes each, Fashion-MNIST)
           python neighborhood_match.py --nm-weight 0     (NM off: feature_fusion.py)
           python neighborhood_match.py --preset paper    (CIFAR-10, ResNet-18; for a GPU)
-Defaults shared with feature_fusion.py (tau 0.1, crop_min 0.5, symmetric loss, queue and remote bank
-256 each): see its holdout numbers, which include this file's runs at both queue sizes.
-Expected (holdout, default flags, seeds 0 / 1, random encoder 0.689 / 0.680): kNN 0.734 / 0.714,
-linear 0.825 / 0.819, kNN with 1 % of the labels 0.572 / 0.525, i.e. within noise of feature fusion
-alone (0.735 / 0.722); fn_ratio as in feature_fusion.py; loss_nm (the entropy, logged every round)
-3.3 falling to 2.8-3.0 by round 20, against log|N| = log 512 = 6.2. Test-set numbers: README's results.
+Recipe: feature_fusion.py's (tau 0.1, crop_min 0.5, queue and remote bank 256), chosen on the holdout with
+this file's runs included, see results/recipes.md.
+Expected: see results/claims.md and results/results.md (the committed cells); the last holdout numbers
+(4820159, 2026-12-02) predate the last-epoch uploads and are kept in results/recipes.md.
 """
 import copy
 from dataclasses import dataclass
@@ -89,15 +55,15 @@ import common
 @dataclass
 class Args(common.RunArgs):
     tau: float = 0.1
-    """temperature of L_FF (MoCo v2's; 0.2 scored lower on the holdout, see the docstring)"""
+    """temperature of L_FF (MoCo v2's; 0.2 scored lower on the holdout, see results/recipes.md)"""
     crop_min: float = 0.5
-    """smallest crop area; 0.5 instead of common's 0.2, chosen on the holdout (see the docstring)"""
+    """smallest crop area; 0.5 instead of common's 0.2, chosen on the holdout, see results/recipes.md"""
     momentum: float = 0.99
     """m of the momentum encoder: xi <- m xi + (1 - m) theta"""
     proj_dim: int = 128
     """output size of the projection head (the space of keys, queue and remote features)"""
     queue_size: int = 256
-    """K = |Q_l|: keys in each client's local queue (kept across rounds; 256 chosen on the holdout, see the docstring)"""
+    """K = |Q_l|: keys in each client's local queue (kept across rounds; 256 chosen on the holdout, see results/recipes.md)"""
     remote_features: int = 256
     """M: features each client uploads per round (0 = no fusion, i.e. FedAvg + MoCo)"""
     remote_bank: int = 256
