@@ -923,17 +923,34 @@ def markdown(res: dict, before: dict | None = None) -> str:
     return "\n".join(out)
 
 
+def read_saved(name: str, path: str) -> dict:
+    """The figures of a saved --json file (for --render / --before), refusing in one line what is not one."""
+    try:
+        res = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        common.fail(f"--{name} {path}: no such file")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        common.fail(f"--{name} {path} cannot be read as JSON ({type(e).__name__}: {e})")
+    if not isinstance(res, dict) or "device" not in res or not set(SECTIONS) & set(res):
+        common.fail(f"--{name} {path} is not a file written by benchmark.py --json (no device and no section)")
+    return res
+
+
 def parse(argv=None) -> Args:
     try:
         args = common.parse_args(Args, sys.argv[1:] if argv is None else list(argv))
         args.check()
         for name in ("render", "before"):
-            if getattr(args, name) and not Path(getattr(args, name)).is_file():
-                common.fail(f"--{name} {getattr(args, name)}: no such file")
-        if args.json:
-            common.check_out(str(Path(args.json).resolve().parent))
+            if getattr(args, name):
+                read_saved(name, getattr(args, name))
+        if args.json:                   # before measuring: a failed write would lose minutes of figures
+            folder = Path(args.json).resolve().parent
             if Path(args.json).is_dir():
                 common.fail(f"--json {args.json} is a folder; give a file name")
+            if not folder.is_dir():
+                common.fail(f"--json {args.json}: there is no folder {folder} (create it first)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                common.fail(f"--json {args.json}: {folder} is not a writable folder")
         preflight(args, common._pick_device(args.device))
     except common.UserError as e:
         common.refuse(str(e))
@@ -943,7 +960,13 @@ def parse(argv=None) -> Args:
 def main(argv=None):
     args = parse(argv)
     if args.render:
-        print(markdown(*(json.loads(Path(f).read_text()) for f in (args.render, args.before) if f)))
+        try:
+            print(markdown(*(read_saved(n, f) for n, f in (("render", args.render), ("before", args.before)) if f)))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:   # a damaged or older file
+            common.refuse(f"--render {args.render}: a benchmark file this code cannot render "
+                          f"({type(e).__name__}: {e})")
+        except common.UserError as e:
+            common.refuse(str(e))
         return
     device = common._pick_device(args.device)
     gpu = device.type == "cuda"
@@ -967,9 +990,14 @@ def main(argv=None):
                 res["section_s"][name] = time.time() - t
         res["wall_s"] = time.time() - t0
     res["load"].append(os.getloadavg()[0])
-    if args.json:                                   # first: the figures survive a failure of the report
-        Path(args.json).write_text(json.dumps(res, indent=1))
-    print(markdown(res, json.loads(Path(args.before).read_text()) if args.before else None))
+    report = markdown(res, json.loads(Path(args.before).read_text()) if args.before else None)
+    if args.json:                                   # whole or not at all: a temporary file and a rename
+        try:
+            common.write_atomic(args.json, json.dumps(res, indent=1))
+        except common.WriteError as e:              # the figures are not lost: they are printed
+            print(report, flush=True)
+            common.refuse(f"{e}; the figures are printed above", code=1)
+    print(report)
 
 
 if __name__ == "__main__":

@@ -396,3 +396,24 @@ def test_load_encoder_names_the_damaged_file(damage, needle, finished, tmp_path)
     with pytest.raises(common.UserError) as err:
         common.load_encoder(folder)
     assert needle in str(err.value) and str(folder) in str(err.value), err.value
+
+
+def test_benchmark_checks_its_json_folder_and_render_input_before_anything(tmp_path, capsys):
+    """--json into a missing folder used to measure for minutes and then lose the figures; --render of a JSON
+    that is not a benchmark gave a KeyError traceback."""
+    import benchmark
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    (tmp_path / "partial.json").write_text('{"device": "x", "ratio": {"bogus": 1}}')
+    (tmp_path / "text.json").write_text("not json")
+    for argv, needle in ((["--quick", "--json", str(tmp_path / "no" / "such" / "z.json")],
+                          f"--json {tmp_path / 'no' / 'such' / 'z.json'}: there is no folder {tmp_path / 'no' / 'such'}"),
+                         (["--render", str(tmp_path / "other.json")], "is not a file written by benchmark.py --json"),
+                         (["--render", str(tmp_path / "text.json")], "cannot be read as JSON (JSONDecodeError"),
+                         (["--render", str(tmp_path / "partial.json")], "a benchmark file this code cannot render"),
+                         (["--render", str(ROOT / "results" / "benchmark-cpu.json"), "--before",
+                           str(tmp_path / "other.json")], "--before")):
+        with pytest.raises(SystemExit) as e:
+            benchmark.main(argv)
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and err.startswith("error:") and needle in err and len(err.splitlines()) == 1, err
+        assert "ratio ..." not in err and not out                  # nothing was measured or printed
