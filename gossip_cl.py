@@ -51,6 +51,7 @@ import torch.nn as nn
 import common
 
 TOPOLOGIES = ("ring", "torus", "random", "complete", "none")
+MAX_GOSSIP_STEPS = 1000      # --gossip-steps bound: more only moves clients nearer the average (complete: one step)
 
 
 @dataclass
@@ -85,6 +86,9 @@ class Args(common.RunArgs):
             common.fail(f"--proj-dim must be at least 1 (got {self.proj_dim})")
         if self.gossip_steps < 1:
             common.fail(f"--gossip-steps must be at least 1 (got {self.gossip_steps}); --topology none trains locally")
+        if self.gossip_steps > MAX_GOSSIP_STEPS:      # a billion steps never end round 1
+            common.fail(f"--gossip-steps must be at most {MAX_GOSSIP_STEPS} (got {self.gossip_steps}); for the exact "
+                        f"average in one step use --topology complete")
         if self.participation < 1:
             common.fail("--participation: every client gossips every round; use 1.0")
         if self.topology == "random" and not 1 <= self.degree <= self.clients - 1:

@@ -417,3 +417,9 @@ def test_benchmark_checks_its_json_folder_and_render_input_before_anything(tmp_p
         out, err = capsys.readouterr()
         assert e.value.code == 2 and err.startswith("error:") and needle in err and len(err.splitlines()) == 1, err
         assert "ratio ..." not in err and not out                  # nothing was measured or printed
+
+
+def test_gossip_steps_that_never_end_a_round_are_refused(tmp_path):
+    refused(call("gossip_cl.py", *SMALL, "--gossip-steps", "1000000000", out=tmp_path), tmp_path,
+            "--gossip-steps must be at most 1000 (got 1000000000)")
+    assert not list(tmp_path.glob("*/"))
