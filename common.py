@@ -1152,6 +1152,9 @@ def start(cls, argv=None):
         args.check()
         run = Run(args, script=script)
     except UserError as e:
+        if distributed.launched() and os.environ.get("RANK", "0") != "0":
+            time.sleep(5)               # torchrun: every process refuses the same input; process 0 prints it and
+            sys.exit(2)                 # ends first (torchrun then stops this one), so its line is never cut off
         refuse(str(e))
     return args, run
 

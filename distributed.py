@@ -17,8 +17,10 @@ and exit 1. A process that hangs is waited for FEDSSL_DIST_TIMEOUT seconds (defa
 No method file calls torch.distributed: the round loop uses common.Run (my_clients, gather, client).
 """
 import datetime
+import math
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -49,8 +51,13 @@ class World:
         try:
             self.timeout_s = float(os.environ.get("FEDSSL_DIST_TIMEOUT", "300"))
         except ValueError:
-            print(f"error: FEDSSL_DIST_TIMEOUT must be a number of seconds (got {os.environ['FEDSSL_DIST_TIMEOUT']!r})",
-                  file=sys.stderr, flush=True)
+            self.timeout_s = math.nan
+        if not 1 <= self.timeout_s < 10 ** 8:    # nan/inf break timedelta; below 1 s the rendezvous itself times out
+            if self.rank == 0:                    # one line, not one per process
+                print(f"error: FEDSSL_DIST_TIMEOUT must be a number of seconds from 1 to 1e8 "
+                      f"(got {os.environ['FEDSSL_DIST_TIMEOUT']!r})", file=sys.stderr, flush=True)
+            else:
+                time.sleep(5)                     # process 0 ends first: torchrun never cuts its line off
             sys.exit(2)
         self.device = device
         if self.size > 1 and not dist.is_initialized():

@@ -423,3 +423,24 @@ def test_gossip_steps_that_never_end_a_round_are_refused(tmp_path):
     refused(call("gossip_cl.py", *SMALL, "--gossip-steps", "1000000000", out=tmp_path), tmp_path,
             "--gossip-steps must be at most 1000 (got 1000000000)")
     assert not list(tmp_path.glob("*/"))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5", "abc"])
+def test_a_bad_dist_timeout_is_refused_in_one_line(value, tmp_path, monkeypatch):
+    """FEDSSL_DIST_TIMEOUT nan/inf raised in datetime.timedelta, 0 or -5 gave a C++ TCPStore timeout."""
+    monkeypatch.setenv("FEDSSL_DIST_TIMEOUT", value)
+    refused(call("fedavg_cl.py", *SMALL, out=tmp_path), tmp_path,
+            f"FEDSSL_DIST_TIMEOUT must be a number of seconds from 1 to 1e8 (got '{value}')")
+    assert not list(tmp_path.glob("*/"))
+
+
+def test_bad_input_under_torchrun_is_one_line_from_process_0(tmp_path):
+    """Every process refuses the same input, but only process 0 prints it, and it ends with status 2 (torchrun's
+    own status stays 1: it reports a child's failure so, whatever the status)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "fedavg_cl.py"), *SMALL, "--lr", "-1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --lr must be > 0 (got -1.0)"], proc.stderr
+    assert "exitcode  : 2" in proc.stderr and not list(tmp_path.glob("*/"))
