@@ -318,6 +318,9 @@ def parse_args(cls, argv=None, script: str | None = None):
             fail(f"--resume continues a run with the flags in its config.json; drop "
                  f"{' '.join('--' + k.replace('_', '-') for k in changed)} (or start a new run)")
         for k, v in changed.items():
+            if k == "out":                # the run goes on in its own folder, wherever --out points
+                print(f"note: --out {v} is not used: --resume continues in {given['resume']}", file=sys.stderr)
+                continue
             print(f"note: --resume with --{k.replace('_', '-')} {v} (the run used {getattr(args, k)})",
                   file=sys.stderr)
             setattr(args, k, v)
@@ -1239,7 +1242,8 @@ class FolderLock:
             os.close(fd)       # the holder released (and removed) the file between our open and flock: retry
         left = os.read(fd, 200).decode(errors="replace").strip()
         if left:
-            print(f"note: taking over the lock of {folder} left by {left}, which is no longer running", file=sys.stderr)
+            print(f"note: taking over the lock of {folder} left by {left}, which holds no lock on it (it ended, "
+                  f"or this folder is a copy)", file=sys.stderr)      # a copied .lock names the original's holder
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} ({user})\n".encode(), 0)
         self.fd = fd

@@ -444,3 +444,15 @@ def test_bad_input_under_torchrun_is_one_line_from_process_0(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --lr must be > 0 (got -1.0)"], proc.stderr
     assert "exitcode  : 2" in proc.stderr and not list(tmp_path.glob("*/"))
+
+
+def test_resume_notes_say_what_was_used(finished, tmp_path):
+    """--out next to --resume is not used (the run goes on in its folder); a copied folder's .lock names the
+    original's holder, which may well still run: the note must not say it ended."""
+    folder = copy_of(finished, tmp_path)
+    (folder / ".lock").write_text("pid 1 (fedavg_cl.py)\n")
+    code, _, err = call("fedavg_cl.py", "--resume", folder, out=tmp_path / "elsewhere")
+    assert code == 0, err
+    assert f"note: --out {tmp_path / 'elsewhere'} is not used: --resume continues in {folder}" in err, err
+    assert "left by pid 1 (fedavg_cl.py), which holds no lock on it (it ended, or this folder is a copy)" in err, err
+    assert "no longer running" not in err and not (tmp_path / "elsewhere").exists()
