@@ -296,7 +296,9 @@ def test_benchmark_quick_writes_every_figure(tmp_path):
     prof = res["profile"]
     assert [r["method"] for r in prof["methods"]] == methods.split(",")
     for r in prof["methods"]:     # the loop does at least the bare step's work, plus augmenting two views
-        assert r["bare_ops_per_step"] > 50 and r["extra_ops_per_step"] >= 2 * prof["augment"]["gray_28"]["ops_per_call"] - 1
+        # (mocosfl augments each pool client's views once for all its steps up to the next sync: per step less)
+        two_views = 2 * prof["augment"]["gray_28"]["ops_per_call"] - 1 if r["method"] != "mocosfl" else 1
+        assert r["bare_ops_per_step"] > 50 and r["extra_ops_per_step"] >= two_views, r
         assert r["loop_ops_per_step"] == pytest.approx(r["bare_ops_per_step"] + r["extra_ops_per_step"])
     for key in ("download", "upload_copy", "optimizer_step", "fresh_optimizer_and_step", "reset_optimizer_and_step"):
         assert prof["per_client"][key]["ops"] > 0 and prof["per_client"][key]["us"] > 0, key
