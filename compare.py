@@ -1247,7 +1247,10 @@ def passes(flags: list) -> float:
     """Image passes of a command relative to the default setting's (training images x rounds x local epochs)."""
     last = {flags[i]: flags[i + 1] for i in range(1, len(flags) - 1) if flags[i].startswith("--")}
     size = int(last.get("--train-size", 10000)) or 60000
-    return size * int(last.get("--rounds", 20)) * int(last.get("--local-epochs", 1)) / (10000 * 20)
+    share = float(last.get("--participation", 0)) or 1.0
+    if flags[0] == "mocosfl.py" and share == 1.0 and int(last.get("--clients", 10)) >= 200:
+        share = 1 / (int(last["--clients"]) // 100)                      # its pool rule (mocosfl.py's Args)
+    return size * share * int(last.get("--rounds", 20)) * int(last.get("--local-epochs", 1)) / (10000 * 20)
 
 
 def estimate(todo: list, stores: list, jobs: int) -> tuple:

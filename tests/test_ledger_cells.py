@@ -293,3 +293,9 @@ def test_a_job_of_more_than_an_hour_needs_yes(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and "add --yes" in err and "about 2.0 h" in err and ran == []
     compare.main(flags[:-1] + [str(tmp_path / "o2"), "--yes"])          # (the first call still holds o's lock)
     assert ran == [1]
+
+
+def test_image_passes_count_the_clients_a_round_trains():
+    assert compare.passes(["dec_ssl.py", "--participation", "0.5"]) == 0.5
+    assert compare.passes(["mocosfl.py", "--clients", "1000", "--rounds", "200"]) == pytest.approx(1.0)   # pool of 100
+    assert compare.passes(["mocosfl.py", "--clients", "100", "--rounds", "20"]) == 1.0
