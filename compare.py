@@ -71,6 +71,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import platform
@@ -808,7 +809,7 @@ def write_markdown(path: Path, sections: list, args: Args, head: list, jobs: int
               "Per-cell numbers (and each run's untrained-network numbers) and commands: results.json."]
     if failed or missing:
         lines += ["", "Not in the table (failed or not run yet): " + ", ".join(c.name for c in failed + missing) + "."]
-    path.write_text("\n".join(lines) + "\n")
+    common.write_atomic(path, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1045,7 +1046,7 @@ def write_claims(path: Path, sections: list, args: Args, head: list):
             lines += [f"## Setting `{name}`: {st.title}", "", setting_line(view), "",
                       f"Shape from: {st.source}. Fixed on {st.fixed}, before any run of it.", ""]
         lines += [*claims_table(rows), ""]
-    path.write_text("\n".join(lines))
+    common.write_atomic(path, "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1095,8 +1096,10 @@ def plot(path: Path, results: list, table: dict, args: Args):
     fig.legend(legend.values(), legend.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1 - 2.5 / width, 0.5))
     fig.suptitle("kNN accuracy, mean over seeds with a ± std band")
     fig.tight_layout(rect=(0, 0, 1 - 2.5 / width, 1))
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
+    common.write_atomic(path, buf.getvalue())
 
 
 PROOF = dict(train_size=600, test_size=300, rounds=2, eval_every=1, probe_epochs=2, batch_size=32)
@@ -1193,7 +1196,7 @@ def paste_into_readme(readme: Path, root: Path = ROOT):
         body = re.sub(r"\]\((results[^)/]*\.png)\)", r"](results/\1)", body)      # figures beside the file
         text = text.replace(f"<!-- begin {name} -->\n{old}<!-- end {name} -->",
                             f"<!-- begin {name} -->\n{body}<!-- end {name} -->")
-    readme.write_text(text)
+    common.write_atomic(readme, text)
 
 
 def plan(cells: list, store: Path, status: Status, sources: list, device: str) -> dict:
@@ -1397,6 +1400,17 @@ def main(argv=None):
     results = [r for c in cells if (r := read_cell(c, stores)) is not None]
     missing = [c for c in cells if read_cell(c, stores) is None and c not in failed]
     command = "python compare.py" + ("" if not argv else " " + shlex.join(argv))
+    try:
+        write_outputs(args, argv, out, names, results, failed, missing, command, device, jobs)
+    except common.WriteError as e:                 # a full disk, a read-only folder: the cells are kept already
+        common.refuse(f"{e}; the finished cells are kept in {store}: the same command writes the tables again", code=1)
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: " + ", ".join(c.name for c in failed), file=sys.stderr)
+        sys.exit(1)
+
+
+def write_outputs(args, argv, out, names, results, failed, missing, command, device, jobs):
+    """results.md, claims.md, the figures and results.json (each whole or not at all), printed at the end."""
     head = header(args, command, device, jobs)
     md, ledgers, tables = [], [], {}
     for name in names:
@@ -1409,7 +1423,7 @@ def main(argv=None):
         ledgers.append((name, view, ledger(mine, view, name)))
     write_markdown(out / "results.md", md, args, head, jobs, failed, missing if args.grid else [])
     write_claims(out / "claims.md", ledgers, args, head)
-    (out / "results.json").write_text(json.dumps(
+    common.write_atomic(out / "results.json", json.dumps(
         {"command": command, "device": device, "jobs": jobs, "args": dataclasses.asdict(args),
          "settings": {name: dataclasses.asdict(SETTINGS[name]) for name in names},
          "table": tables[names[0]] if len(names) == 1 else tables, "claims": [r for _, _, rows in ledgers for r in rows],
@@ -1421,9 +1435,6 @@ def main(argv=None):
         paste_into_readme(ROOT / "README.md")
         print("pasted results/results.md and results/claims.md into README.md")
     print(f"wrote {out / 'results.md'}, {out / 'claims.md'}, the figures and {out / 'results.json'}")
-    if failed:
-        print(f"error: {len(failed)} run(s) failed: " + ", ".join(c.name for c in failed), file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -299,3 +299,21 @@ def test_image_passes_count_the_clients_a_round_trains():
     assert compare.passes(["dec_ssl.py", "--participation", "0.5"]) == 0.5
     assert compare.passes(["mocosfl.py", "--clients", "1000", "--rounds", "200"]) == pytest.approx(1.0)   # pool of 100
     assert compare.passes(["mocosfl.py", "--clients", "100", "--rounds", "20"]) == 1.0
+
+
+def test_a_table_that_cannot_be_written_is_one_error_line_and_the_old_file_stays(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "claims.md").write_text("old ledger")
+    real = compare.common.write_atomic
+
+    def full(path, data):
+        if str(path).endswith("claims.md"):
+            raise compare.common.WriteError(f"cannot write {path} (the disk is full)")
+        real(path, data)
+    monkeypatch.setattr(compare.common, "write_atomic", full)
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--report", "--setting", "ccl", "--seeds", "0", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "claims.md (the disk is full)" in err[0], err
+    assert (out / "claims.md").read_text() == "old ledger" and not list(out.glob(".*.tmp"))
