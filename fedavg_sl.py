@@ -19,8 +19,8 @@ the SimCLR augmentation of every row) instead of two, a linear head on the encod
 Run:      python fedavg_sl.py                  (10 clients, 2 classes each, Fashion-MNIST, CPU minutes)
           python fedavg_sl.py --partition dirichlet --alpha 0.1
 Recipe: fedavg_cl.py's, not tuned separately (results/recipes.md holds every method's holdout evidence).
-Expected: far above every self-supervised row with all labels (it was trained on them); the question the
-ledger asks is whether Dec-SSL closes the gap in kNN with 1 % of the labels (results/claims.md).
+Expected: not measured yet (no fedavg_sl cell is committed); the ledger asks whether Dec-SSL beats it in
+kNN with 1 % of the labels under Dirichlet skew (results/claims.md).
 """
 import copy
 from dataclasses import dataclass
