@@ -317,3 +317,14 @@ def test_a_table_that_cannot_be_written_is_one_error_line_and_the_old_file_stays
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "claims.md (the disk is full)" in err[0], err
     assert (out / "claims.md").read_text() == "old ledger" and not list(out.glob(".*.tmp"))
+
+
+def test_a_finished_run_of_older_code_is_kept_stale_for_restamp_not_dropped(tmp_path):
+    out, other = tmp_path / "out", tmp_path / "worktree-results"
+    cell = one_cell(out)
+    old = {"fedavg_cl.py": "older code", "common.py": "x"}
+    fake_run(other / "runs" / "fedavg_cl" / cell.tag, cell, knn=0.61, fp=old)
+    state = compare.plan([cell], out / "cells", compare.Status([out / "cells"]), compare.source_index([other]), "CPU")
+    assert state[cell] == "stale"
+    rec = json.loads((out / "cells" / "fedavg_cl" / cell.tag / "cell.json").read_text())
+    assert rec["fingerprint"] == old and rec["knn_acc"] == 0.61
